@@ -1,0 +1,49 @@
+"""The offline checkpoint factory writes a folder transformers accepts as Qwen2.5-VL."""
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from bbu_jax.testing.tiny_hf import SPECIAL_TOKENS, write_tiny_qwen2_5_vl
+
+
+def test_transformers_loads_without_missing_keys(tiny_hf_dir, tiny_hf_dir_untied):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    for d, tied in [(tiny_hf_dir, True), (tiny_hf_dir_untied, False)]:
+        model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        keys = load_file(str(d / "model.safetensors")).keys()
+        assert ("lm_head.weight" in keys) is (not tied)
+        assert any(k.startswith("model.layers.") for k in keys) and any(k.startswith("visual.") for k in keys)
+
+
+def test_tokenizer_special_tokens_and_chat_template(tiny_hf_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    config = json.loads((tiny_hf_dir / "config.json").read_text())
+    ids = tok.convert_tokens_to_ids(SPECIAL_TOKENS)
+    assert ids == list(range(ids[0], ids[0] + len(SPECIAL_TOKENS)))  # Qwen's order, contiguous
+    assert config["image_token_id"] == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert config["vocab_size"] >= len(tok)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "找螺丝"}]}],
+        add_generation_prompt=True, tokenize=False)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|>找螺丝<|im_end|>\n<|im_start|>assistant\n")
+    # Byte-level BPE round-trips any text, Chinese included.
+    sample = '```json\n[{"bbox_2d": [1, 2, 30, 40], "desc": "螺丝连接点/BBU安装螺丝/连接正确"}]\n```'
+    assert tok.decode(tok(sample)["input_ids"]) == sample
+
+
+def test_seeded_and_overridable(tmp_path):
+    a = load_file(str(write_tiny_qwen2_5_vl(tmp_path / "a", seed=3) / "model.safetensors"))
+    b = load_file(str(write_tiny_qwen2_5_vl(tmp_path / "b", seed=3) / "model.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    c = write_tiny_qwen2_5_vl(tmp_path / "c", num_hidden_layers=3, vision_depth=4)
+    cfg = json.loads((c / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3 and cfg["vision_config"]["depth"] == 4
+    with pytest.raises(ValueError, match="mrope_section"):
+        write_tiny_qwen2_5_vl(tmp_path / "d", hidden_size=96)
