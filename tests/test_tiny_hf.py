@@ -47,3 +47,16 @@ def test_seeded_and_overridable(tmp_path):
     assert cfg["num_hidden_layers"] == 3 and cfg["vision_config"]["depth"] == 4
     with pytest.raises(ValueError, match="mrope_section"):
         write_tiny_qwen2_5_vl(tmp_path / "d", hidden_size=96)
+
+
+def test_sharded_bf16_checkpoint_loads(tmp_path):
+    import ml_dtypes
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    d = write_tiny_qwen2_5_vl(tmp_path / "s", weights_dtype=ml_dtypes.bfloat16, max_shard_bytes=20_000)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(d, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.model.language_model.embed_tokens.weight.dtype == torch.bfloat16

@@ -172,22 +172,51 @@ def random_weights(config: dict[str, Any], seed: int = 0, std: float = 0.05,
     return w
 
 
+def save_safetensors_shards(weights: dict[str, np.ndarray], folder: Path,
+                            max_shard_bytes: int | None = None) -> None:
+    """One model.safetensors, or HF-style shards plus model.safetensors.index.json."""
+    if max_shard_bytes is None:
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, value in weights.items():
+        if shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def write_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, *, bpe_vocab: int = 1000,
                           min_pixels: int = 3136, max_pixels: int = 12845056,
+                          weights_dtype: Any = np.float32, max_shard_bytes: int | None = None,
                           **overrides: Any) -> Path:
-    """Write the folder atomically and return its path. ``overrides`` go to tiny_config()."""
+    """Write the folder atomically and return its path. ``overrides`` go to tiny_config().
+
+    ``weights_dtype`` may be ``ml_dtypes.bfloat16`` (as released checkpoints are);
+    ``max_shard_bytes`` splits the weights into shards with an index file.
+    """
     out = Path(out_dir)
     tok = _train_tokenizer(bpe_vocab)
     special_ids = {s: tok.token_to_id(s) for s in SPECIAL_TOKENS}
     vocab_size = -(-tok.get_vocab_size() // 64) * 64  # pad like Qwen does (151936 > 151665)
     config = tiny_config(vocab_size, special_ids, **overrides)
+    config["torch_dtype"] = np.dtype(weights_dtype).name
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_file(random_weights(config, seed), str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_safetensors_shards(random_weights(config, seed, dtype=weights_dtype), tmp,
+                                max_shard_bytes)
         tok.save(str(tmp / "tokenizer.json"))
         added = {str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False,
                           "single_word": False, "special": True}
