@@ -21,7 +21,8 @@ def processor_inputs(hf_dir: str | os.PathLike, texts: Sequence[str],
                      padding_side: str = "right", **image_kwargs: object) -> dict[str, np.ndarray]:
     """Tokenize chat-template strings (one `<|image_pad|>` per image) with their images.
 
-    Returns numpy input_ids, attention_mask and, when images are given, pixel_values
+    Returns numpy input_ids, attention_mask, mm_token_type_ids (1 on image tokens) and, when
+    images are given, pixel_values
     (num_patches, 1176) and image_grid_thw (num_images, 3), as the HF processor does.
     ``image_kwargs`` (e.g. min_pixels, max_pixels) go to the image processor.
     """
@@ -52,6 +53,9 @@ def processor_inputs(hf_dir: str | os.PathLike, texts: Sequence[str],
     enc = tokenizer(texts, padding=True, return_tensors="np")
     out["input_ids"] = np.asarray(enc["input_ids"], np.int64)
     out["attention_mask"] = np.asarray(enc["attention_mask"], np.int64)
+    # The processor marks image tokens; without this field transformers silently falls back to
+    # 1D positions for them instead of M-RoPE.
+    out["mm_token_type_ids"] = (out["input_ids"] == tokenizer.convert_tokens_to_ids(IMAGE_PAD)).astype(np.int64)
     return out
 
 

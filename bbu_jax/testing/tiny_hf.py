@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
+
+from convert_weights.hf_files import atomic_dir, save_safetensors_shards
 
 # Qwen2's special tokens in their original order (ids follow the regular vocabulary).
 SPECIAL_TOKENS = [
@@ -172,29 +171,6 @@ def random_weights(config: dict[str, Any], seed: int = 0, std: float = 0.05,
     return w
 
 
-def save_safetensors_shards(weights: dict[str, np.ndarray], folder: Path,
-                            max_shard_bytes: int | None = None) -> None:
-    """One model.safetensors, or HF-style shards plus model.safetensors.index.json."""
-    if max_shard_bytes is None:
-        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for key, value in weights.items():
-        if shards[-1] and size + value.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = value
-        size += value.nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
 def write_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, *, bpe_vocab: int = 1000,
                           min_pixels: int = 3136, max_pixels: int = 12845056,
                           weights_dtype: Any = np.float32, max_shard_bytes: int | None = None,
@@ -211,9 +187,7 @@ def write_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, *, bpe_voca
     config = tiny_config(vocab_size, special_ids, **overrides)
     config["torch_dtype"] = np.dtype(weights_dtype).name
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_safetensors_shards(random_weights(config, seed, dtype=weights_dtype), tmp,
                                 max_shard_bytes)
@@ -243,10 +217,4 @@ def write_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, *, bpe_voca
             "eos_token_id": [special_ids["<|im_end|>"], special_ids["<|endoftext|>"]],
             "do_sample": False,
         }, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -1,0 +1,217 @@
+"""Host-side (numpy) index preparation for Qwen2.5-VL.
+
+Everything data-dependent in the model -- M-RoPE positions, the vision tower's window permutation,
+2D rotary positions, attention segment ids, where merged vision tokens land in the text -- is
+computed here, so the jitted model only ever sees fixed-shape arrays and a new image size never
+recompiles. Each function mirrors one piece of transformers' Qwen2.5-VL (5.24.0) exactly:
+``rope_index`` <-> ``Qwen2_5_VLModel.get_rope_index``; ``vision_layout`` <->
+``vision_utils.get_vision_window_index`` / ``get_vision_position_ids`` / ``get_vision_cu_seqlens``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+GridTHW = Sequence[int]
+
+
+def _grid(thw: GridTHW, spatial_merge_size: int) -> tuple[int, int, int]:
+    t, h, w = (int(x) for x in thw)
+    if t < 1 or h % spatial_merge_size or w % spatial_merge_size or h < 1 or w < 1:
+        raise ValueError(f"grid_thw {tuple(thw)} must be positive with h, w multiples of {spatial_merge_size}")
+    return t, h, w
+
+
+def num_image_tokens(thw: GridTHW, spatial_merge_size: int = 2) -> int:
+    """Number of `<|image_pad|>` tokens (merged vision tokens) of one image."""
+    t, h, w = _grid(thw, spatial_merge_size)
+    return t * h * w // spatial_merge_size**2
+
+
+def rope_index(input_ids: np.ndarray, grid_thws: Sequence[GridTHW], *, image_token_id: int,
+               vision_start_token_id: int, spatial_merge_size: int = 2) -> tuple[np.ndarray, int]:
+    """M-RoPE positions (3, L) int32 of one sequence starting at position 0, and its rope delta.
+
+    Text tokens get the same running position on all three rows; each image's tokens get
+    (t, h, w) = start + (frame, merged row, merged col), and the text after it continues at
+    start + max(h, w) / merge (transformers' rule). ``rope_delta = max + 1 - L`` is what decoding adds.
+    Images are consumed in order: the k-th run of image tokens is ``grid_thws[k]`` and must have
+    exactly its token count. ``vision_start_token_id`` is checked to precede every image.
+    """
+    ids = np.asarray(input_ids).reshape(-1)
+    length = ids.shape[0]
+    positions = np.zeros((3, length), np.int64)
+    grids = [_grid(g, spatial_merge_size) for g in grid_thws]
+    is_image = ids == image_token_id
+    i = cur = image = 0
+    while i < length:
+        if not is_image[i]:
+            j = i
+            while j < length and not is_image[j]:
+                j += 1
+            positions[:, i:j] = np.arange(j - i) + cur
+            cur += j - i
+            i = j
+            continue
+        if image >= len(grids):
+            raise ValueError(f"image token at index {i} but only {len(grids)} grid(s) given")
+        if i == 0 or ids[i - 1] != vision_start_token_id:
+            raise ValueError(f"image {image} at index {i} is not preceded by vision_start ({vision_start_token_id})")
+        t, h, w = grids[image]
+        gh, gw = h // spatial_merge_size, w // spatial_merge_size
+        n = t * gh * gw
+        if i + n > length or not is_image[i:i + n].all():
+            raise ValueError(f"image {image} at index {i}: expected {n} image tokens for grid {(t, h, w)}")
+        tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+        positions[:, i:i + n] = np.stack([tt, hh, ww]).reshape(3, n) + cur
+        cur += max(gh, gw)
+        i += n
+        image += 1
+    if image != len(grids):
+        raise ValueError(f"{len(grids)} grid(s) given but {image} image(s) found in the tokens")
+    delta = int(positions.max()) + 1 - length if length else 0
+    return positions.astype(np.int32), delta
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionLayout:
+    """Window-ordered layout of the concatenated patches of several images (N patches).
+
+    perm:         (N,) processor row feeding each window-ordered patch (groups of 4 rows kept together).
+    pos:          (N, 2) (row, col) of each permuted patch in its image's patch grid (2D RoPE).
+    window_ids:   (N,) 1-based window id of each permuted patch (window-attention segments).
+    image_ids:    (N,) 1-based image (frame) id of each permuted patch (full-attention segments).
+    merged_index: (N/4,) for merged token k in processor/text order, its index in the
+                  window-ordered merger output (inverse of Qwen's window_index).
+    """
+    perm: np.ndarray
+    pos: np.ndarray
+    window_ids: np.ndarray
+    image_ids: np.ndarray
+    merged_index: np.ndarray
+
+
+def vision_layout(grid_thws: Sequence[GridTHW], *, window_size: int = 112, patch_size: int = 14,
+                  spatial_merge_size: int = 2) -> VisionLayout:
+    """Qwen2.5-VL's window permutation, rotary positions and attention segments for these images."""
+    m = spatial_merge_size
+    unit = m * m
+    win = window_size // m // patch_size  # window side in merged tokens
+    window_index, merged_window, pos, frame_ids = [], [], [], []
+    offset = n_windows = n_frames = 0
+    for thw in grid_thws:
+        t, h, w = _grid(thw, m)
+        gh, gw = h // m, w // m
+        # transformers pads by win - n % win (a whole empty window when n % win == 0) and drops
+        # empty windows, which gives the same windows as padding to the next multiple.
+        ph, pw = -(-gh // win) * win, -(-gw // win) * win
+        index = np.full((t, ph, pw), -1, np.int64)
+        index[:, :gh, :gw] = np.arange(t * gh * gw).reshape(t, gh, gw)
+        blocks = index.reshape(t, ph // win, win, pw // win, win).transpose(0, 1, 3, 2, 4)
+        blocks = blocks.reshape(t * (ph // win) * (pw // win), win * win)
+        for block in blocks:
+            block = block[block >= 0]
+            if block.size:
+                n_windows += 1
+                window_index.append(block + offset)
+                merged_window.append(np.full(block.size, n_windows))
+        # processor rows: (t, h-block, w-block, inner row, inner col)
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        rows = rows.reshape(gh, m, gw, m).transpose(0, 2, 1, 3).reshape(-1)
+        cols = cols.reshape(gh, m, gw, m).transpose(0, 2, 1, 3).reshape(-1)
+        pos.append(np.tile(np.stack([rows, cols], -1), (t, 1)))
+        frame_ids.append(np.repeat(np.arange(t) + n_frames + 1, h * w))
+        n_frames += t
+        offset += t * gh * gw
+    if not grid_thws:
+        empty = np.zeros((0,), np.int32)
+        return VisionLayout(empty, np.zeros((0, 2), np.int32), empty, empty, empty)
+    window_index = np.concatenate(window_index)
+    perm = (window_index[:, None] * unit + np.arange(unit)).reshape(-1)
+    return VisionLayout(
+        perm=perm.astype(np.int32),
+        pos=np.concatenate(pos)[perm].astype(np.int32),
+        window_ids=np.repeat(np.concatenate(merged_window), unit).astype(np.int32),
+        image_ids=np.concatenate(frame_ids)[perm].astype(np.int32),
+        merged_index=np.argsort(window_index).astype(np.int32),
+    )
+
+
+def prepare_hf_batch(input_ids: np.ndarray, attention_mask: np.ndarray | None,
+                     pixel_values: np.ndarray | None, image_grid_thw: np.ndarray | None, *,
+                     image_token_id: int, vision_start_token_id: int, spatial_merge_size: int = 2,
+                     window_size: int = 112, patch_size: int = 14,
+                     patch_budget: int | None = None) -> dict[str, np.ndarray]:
+    """Turn one HF processor output (a batch, left or right padded) into the model's inputs.
+
+    Each row becomes one segment (id 1, padding 0) with positions restarting at 0 on its first real
+    token. The processor concatenates all images of the batch in row order; row b's patches are
+    permuted into window order and padded to ``patch_budget`` (default: the largest row, rounded up
+    to a multiple of 4, at least 4). Returns the batch.py fields the model consumes.
+    """
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (B, L), got {input_ids.shape}")
+    batch, length = input_ids.shape
+    mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    grids = [] if image_grid_thw is None else [tuple(int(x) for x in g) for g in np.asarray(image_grid_thw)]
+    pixels = np.zeros((0, 0), np.float32) if pixel_values is None else np.asarray(pixel_values, np.float32)
+    unit = spatial_merge_size**2
+
+    # assign images to rows in order of appearance
+    row_grids, row_rows = [], []
+    next_image, next_row = 0, 0
+    for b in range(batch):
+        n_tokens = int(((input_ids[b] == image_token_id) & mask[b]).sum())
+        grids_b = []
+        while n_tokens > 0:
+            if next_image >= len(grids):
+                raise ValueError(f"row {b} has more image tokens than image_grid_thw describes")
+            grids_b.append(grids[next_image])
+            n_tokens -= num_image_tokens(grids[next_image], spatial_merge_size)
+            next_image += 1
+        if n_tokens < 0:
+            raise ValueError(f"row {b}: image tokens do not match image_grid_thw")
+        n_rows = sum(int(np.prod(g)) for g in grids_b)
+        row_grids.append(grids_b)
+        row_rows.append(np.arange(next_row, next_row + n_rows))
+        next_row += n_rows
+    if next_image != len(grids) or next_row != (pixels.shape[0] if grids else 0):
+        raise ValueError(f"{len(grids)} grids / {pixels.shape[0]} patch rows, but the tokens use "
+                         f"{next_image} images / {next_row} rows")
+
+    need = max([len(r) for r in row_rows] + [unit])
+    budget = -(-need // unit) * unit if patch_budget is None else patch_budget
+    if budget % unit or budget < need:
+        raise ValueError(f"patch_budget {budget} must be a multiple of {unit} and >= {need}")
+
+    out = {
+        "input_ids": np.where(mask, input_ids, 0).astype(np.int32),
+        "positions": np.zeros((batch, 3, length), np.int32),
+        "segment_ids": mask.astype(np.int32),
+        "patches": np.zeros((batch, budget, pixels.shape[1] if grids else 3 * 2 * patch_size**2), np.float32),
+        "patch_pos": np.zeros((batch, budget, 2), np.int32),
+        "patch_window_ids": np.zeros((batch, budget), np.int32),
+        "patch_image_ids": np.zeros((batch, budget), np.int32),
+        "vision_token_index": np.full((batch, length), -1, np.int32),
+    }
+    for b in range(batch):
+        real = np.flatnonzero(mask[b])
+        pos, _ = rope_index(input_ids[b, real], row_grids[b], image_token_id=image_token_id,
+                            vision_start_token_id=vision_start_token_id,
+                            spatial_merge_size=spatial_merge_size)
+        out["positions"][b][:, real] = pos
+        if not row_grids[b]:
+            continue
+        lay = vision_layout(row_grids[b], window_size=window_size, patch_size=patch_size,
+                            spatial_merge_size=spatial_merge_size)
+        n = lay.perm.shape[0]
+        out["patches"][b, :n] = pixels[row_rows[b][lay.perm]]
+        out["patch_pos"][b, :n] = lay.pos
+        out["patch_window_ids"][b, :n] = lay.window_ids
+        out["patch_image_ids"][b, :n] = lay.image_ids
+        image_positions = real[input_ids[b, real] == image_token_id]
+        out["vision_token_index"][b, image_positions] = lay.merged_index
+    return out

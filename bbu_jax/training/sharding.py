@@ -1,0 +1,79 @@
+"""One device mesh (data, fsdp, tensor) and ONE table mapping logical axis names to mesh axes.
+
+Params carry logical names in their NNX ``out_sharding`` metadata (set where they are created,
+e.g. ``("embed", "mlp")``; stacked layers get a leading ``"layers"``). This module resolves those
+names through ``LOGICAL_AXIS_RULES`` (MaxText style), so changing a parallelism strategy is one edit
+here. A mesh axis that does not divide a dimension is dropped for that dimension (replicated),
+so tiny test models shard on any mesh.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis / axes (None: replicated)
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("length", None),
+)
+
+
+def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh of shape (data, fsdp, tensor) over ``devices`` (default: all devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data * fsdp * tensor != len(devices):
+        raise ValueError(f"mesh {data}x{fsdp}x{tensor} needs {data * fsdp * tensor} devices, "
+                         f"{len(devices)} given")
+    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """PartitionSpec for an array of ``shape`` whose dimensions have these logical names."""
+    table = dict(rules)
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        if name is not None and name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
+        target = table.get(name) if name is not None else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = []
+        for axis in targets:
+            size = mesh.shape[axis]
+            if axis not in used and dim % (size * int(np.prod([mesh.shape[a] for a in kept]))) == 0:
+                kept.append(axis)
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*spec)
+
+
+def param_shardings(model_or_state, mesh: Mesh):
+    """NamedSharding per Variable (same tree as ``nnx.state(model)``), from its logical names."""
+    state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+
+    def one(v):
+        axes = v.get_metadata().get("out_sharding") or (None,) * len(v.shape)
+        return v.replace(NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch arrays: leading (row) dimension split over data and fsdp, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
