@@ -1,0 +1,207 @@
+"""Raw annotations -> rescaled images + train/val/teacher_pool JSONL + summary.json.
+
+Every photo is resized with smart_resize(min_pixels, max_pixels) — the SAME limits the model sees,
+so the stored image is exactly what the processor feeds the tower and the JSONL boxes are
+Qwen2.5-VL's absolute pixel coordinates of that image. Boxes are scaled, rounded and clamped to
+integers. The teacher pool is a greedy set cover of the desc types (excluded from train/val); the
+rest is split by a seeded shuffle. Deterministic for a seed whatever the number of workers.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import multiprocessing
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from bbu_jax.data.desc import DescMap, normalize_desc
+from bbu_jax.data.readers import RawRecord, read_raw
+from bbu_jax.data.vision_process import resize_image
+
+BOUNDS_TOLERANCE = 1.0  # raw boxes may overshoot the photo by this many pixels (then clamped)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+    output_dir: str
+    min_pixels: int
+    max_pixels: int
+    language: str | None  # None: keep the annotated wording
+    desc_map: DescMap | None
+
+
+def convert_one(raw: RawRecord, opts: ConvertOptions) -> dict[str, Any]:
+    """One photo -> {"record": JSONL dict} or {"error": "SOURCE: reason"} (no image written then)."""
+    try:
+        if raw.error:
+            raise ValueError(raw.error)
+        try:
+            with Image.open(raw.image_path) as im:
+                im.load()
+                w, h = im.size
+                resized = resize_image(im, opts.min_pixels, opts.max_pixels)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"image {raw.image_path}: {e}") from None
+        rw, rh = resized.size
+        objects = []
+        for (x1, y1, x2, y2), desc in raw.objects:
+            what = f"box {[x1, y1, x2, y2]} ({desc})"
+            if not (x1 < x2 and y1 < y2):
+                raise ValueError(f"{what} is degenerate or inverted")
+            tol = BOUNDS_TOLERANCE
+            if x1 < -tol or y1 < -tol or x2 > w + tol or y2 > h + tol:
+                raise ValueError(f"{what} is out of the image bounds {w}x{h}")
+            desc = normalize_desc(desc)
+            if not desc:
+                raise ValueError(f"{what}: empty desc")
+            if opts.language and opts.desc_map:
+                desc = opts.desc_map.to(desc, opts.language) or desc
+            box = scale_box((x1, y1, x2, y2), (w, h), (rw, rh))
+            if box is None:
+                raise ValueError(f"{what} vanishes when rescaled to {rw}x{rh}")
+            objects.append({"bbox_2d": box, "desc": desc})
+    except ValueError as e:
+        return {"error": f"{raw.source}: {e}"}
+    stem = os.path.splitext(os.path.basename(raw.image_path))[0]
+    ext = ".png" if raw.image_path.lower().endswith(".png") else ".jpg"
+    rel = f"images/{stem}{ext}"
+    path = os.path.join(opts.output_dir, rel)
+    tmp = path + ".tmp"
+    resized.save(tmp, format="PNG" if ext == ".png" else "JPEG", quality=95)
+    os.replace(tmp, path)
+    return {"record": {"id": stem, "images": [rel], "objects": objects, "orig_size": [h, w]}}
+
+
+def scale_box(box, src_wh, dst_wh) -> list[int] | None:
+    """Scale (x1,y1,x2,y2) from src to dst pixels, round, clamp; None if it collapses."""
+    sx, sy = dst_wh[0] / src_wh[0], dst_wh[1] / src_wh[1]
+    x1 = min(max(round(box[0] * sx), 0), dst_wh[0])
+    y1 = min(max(round(box[1] * sy), 0), dst_wh[1])
+    x2 = min(max(round(box[2] * sx), 0), dst_wh[0])
+    y2 = min(max(round(box[3] * sy), 0), dst_wh[1])
+    return [x1, y1, x2, y2] if x1 < x2 and y1 < y2 else None
+
+
+def greedy_teacher_pool(descs_per_record: list[set[str]], size: int, seed: int) -> list[int]:
+    """Indices of <= size records covering every desc (greedy set cover, seeded tie-break).
+
+    Once everything is covered the pool is filled up to `size` with the records holding the most
+    distinct descs, so the demonstrations stay informative.
+    """
+    order = np.random.default_rng(seed).permutation(len(descs_per_record))
+    rank = {int(i): r for r, i in enumerate(order)}
+    uncovered = set().union(*descs_per_record) if descs_per_record else set()
+    chosen: list[int] = []
+    while uncovered and len(chosen) < size:
+        best = max(order, key=lambda i: (len(descs_per_record[i] & uncovered), -rank[int(i)]))
+        if not descs_per_record[best] & uncovered:
+            break
+        chosen.append(int(best))
+        uncovered -= descs_per_record[best]
+    taken = set(chosen)
+    rest = sorted((i for i in order if int(i) not in taken), key=lambda i: (-len(descs_per_record[i]), rank[int(i)]))
+    chosen += [int(i) for i in rest[:max(0, size - len(chosen))]]
+    return chosen
+
+
+def split_indices(n: int, val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    perm = np.random.default_rng(seed + 1).permutation(n)
+    n_val = int(round(n * val_ratio))
+    return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
+
+
+def summarize(splits: dict[str, list[dict]], skipped: list[str], params: dict, uncovered: list[str]) -> dict:
+    all_recs = [r for recs in splits.values() for r in recs]
+    per_desc = collections.Counter(o["desc"] for r in all_recs for o in r["objects"])
+    per_level: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for desc, n in per_desc.items():
+        for lvl, name in enumerate(desc.split("/")):
+            per_level[f"level{lvl}"][name] += n
+    boxes = [len(r["objects"]) for r in all_recs]
+    return {
+        "params": params,
+        "images": {k: len(v) for k, v in splits.items()},
+        "objects": sum(boxes),
+        "per_desc": dict(sorted(per_desc.items())),
+        "per_level": {k: dict(sorted(v.items())) for k, v in sorted(per_level.items())},
+        "boxes_per_image": {"min": min(boxes, default=0), "max": max(boxes, default=0),
+                            "mean": float(np.mean(boxes)) if boxes else 0.0,
+                            "histogram": dict(sorted(collections.Counter(boxes).items()))},
+        "teacher_pool_uncovered_descs": uncovered,
+        "skipped": {"count": len(skipped), "records": skipped},
+    }
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _convert_star(args):
+    return convert_one(*args)
+
+
+def convert_dataset(input_dir: str, fmt: str, output_dir: str, *, min_pixels: int, max_pixels: int,
+                    val_ratio: float, teacher_pool_size: int, seed: int, language: str | None = None,
+                    desc_map_path: str | None = None, skip_bad_samples: bool = False,
+                    num_workers: int = 0, progress: bool = True) -> dict:
+    """Convert a raw folder; returns the summary (also written to output_dir/summary.json).
+
+    Raises ValueError listing every bad record unless skip_bad_samples (then they are counted).
+    """
+    if not 0 <= val_ratio < 1:
+        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
+    if language not in (None, "zh", "en"):
+        raise ValueError(f"language must be zh or en, got {language!r}")
+    raws = read_raw(input_dir, fmt)
+    stems = collections.Counter(os.path.splitext(os.path.basename(r.image_path))[0] for r in raws if not r.error)
+    dup = sorted(s for s, n in stems.items() if n > 1)
+    if dup:
+        raise ValueError(f"{input_dir}: image stems must be unique (output keeps them), duplicates: {dup[:10]}")
+    if desc_map_path is None and os.path.exists(os.path.join(input_dir, "desc_map.json")):
+        desc_map_path = os.path.join(input_dir, "desc_map.json")
+    desc_map = DescMap.load(desc_map_path) if desc_map_path else None
+    if language and desc_map is None:
+        raise ValueError("--language needs a desc map (--desc_map or INPUT/desc_map.json)")
+    os.makedirs(os.path.join(output_dir, "images"), exist_ok=True)
+    opts = ConvertOptions(output_dir, min_pixels, max_pixels, language, desc_map)
+    jobs = [(r, opts) for r in raws]
+    bar = dict(total=len(jobs), desc="convert", disable=not progress)
+    if num_workers > 0:
+        with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+            results = list(tqdm(pool.imap(_convert_star, jobs, chunksize=8), **bar))
+    else:
+        results = [convert_one(*j) for j in tqdm(jobs, **bar)]
+    errors = [r["error"] for r in results if "error" in r]
+    if errors and not skip_bad_samples:
+        raise ValueError(f"{len(errors)} bad record(s) (use --skip_bad_samples to skip):\n" + "\n".join(errors))
+    records = [r["record"] for r in results if "record" in r]
+    descs = [{o["desc"] for o in r["objects"]} for r in records]
+    pool_idx = greedy_teacher_pool(descs, teacher_pool_size, seed)
+    uncovered = sorted(set().union(*descs) - set().union(*(descs[i] for i in pool_idx))) if descs else []
+    in_pool = set(pool_idx)
+    rest = [i for i in range(len(records)) if i not in in_pool]
+    train_pos, val_pos = split_indices(len(rest), val_ratio, seed)
+    splits = {"train": [records[rest[i]] for i in train_pos], "val": [records[rest[i]] for i in val_pos],
+              "teacher_pool": [records[i] for i in sorted(pool_idx)]}
+    for name, recs in splits.items():
+        _write_jsonl(os.path.join(output_dir, f"{name}.jsonl"), recs)
+    params = dict(input_dir=input_dir, format=fmt, min_pixels=min_pixels, max_pixels=max_pixels,
+                  val_ratio=val_ratio, teacher_pool_size=teacher_pool_size, seed=seed, language=language,
+                  desc_map=desc_map_path)
+    summary = summarize(splits, errors, params, uncovered)
+    if language and desc_map:  # descs the table could not put into `language` (kept as annotated)
+        summary["unmapped_descs"] = sorted(d for d in summary["per_desc"] if desc_map.to(d, language) is None)
+    tmp = os.path.join(output_dir, "summary.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(summary, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, os.path.join(output_dir, "summary.json"))
+    return summary

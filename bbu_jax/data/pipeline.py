@@ -1,0 +1,209 @@
+"""grain pipelines: seeded, deterministic, checkpointable packed/standard batches.
+
+Train stream (per host shard): record indices -> seeded shuffle, reshuffled each epoch, repeated
+forever -> `random_map` that samples teachers and encodes (grain seeds it per element, so element
+k of the stream is a pure function of (seed, k)) -> `PackedBatchDataset`, our batch-level
+first-fit packer -> optional `mp_prefetch` workers (each packs every num_workers-th element).
+
+Packing: each batch starts with the samples carried over from the previous one, then draws new
+samples into its B rows first-fit (token, patch and segment budgets) until `lookahead` samples
+did not fit; those are carried to the next batch (the oldest first, so none starves). Because a
+stream element is a pure function of its index, the iterator state is tiny and exact:
+{"next": next stream index, "carry": carried indices, "skipped": count}. Restoring it (directly,
+or through grain's checkpoint handler / orbax, also with workers) replays the same batches.
+Batches are identical for the same (seed, num_workers, budgets); a different worker count
+changes which samples share a batch.
+
+Bad samples (unreadable image, bad box, a sample that fits no budget) raise ValueError naming
+FILE:LINE, or are skipped, logged and counted when skip_bad_samples.
+
+Yields: train -> batch dicts of batch.FIELDS (pass check_batch); eval -> (batch, metas) where
+metas[row] lists per segment {id, source, image, resized_hw, stored_hw, orig_size, num_teachers,
+row, segment}; eval is one pass in file order, one sample per row, the last batch padded with
+empty rows (segment_valid False).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+from absl import flags
+import numpy as np
+
+from bbu_jax.data.collate import Budgets, Packer, budget_problem, collate
+from bbu_jax.data.encode import EncodedSample, SampleEncoder, choose_teachers
+from bbu_jax.data.schema import Example, Record, RecordError, load_records
+
+log = logging.getLogger(__name__)
+COLLATORS = ("packed", "standard")
+
+
+class EncodeRecord:
+    """(record index, rng) -> EncodedSample, or the error string of a bad record."""
+
+    def __init__(self, records: Sequence[Record], pool: Sequence[Example], encoder: SampleEncoder,
+                 teacher_ratio: float, max_teachers: int):
+        self.records, self.pool, self.encoder = list(records), list(pool), encoder
+        self.teacher_ratio, self.max_teachers = teacher_ratio, max_teachers
+
+    def __call__(self, index: int, rng: np.random.Generator) -> EncodedSample | str:
+        rec = self.records[int(index)]
+        try:
+            teachers = choose_teachers(rec, self.pool, rng, self.teacher_ratio, self.max_teachers)
+            return self.encoder.encode(rec.student, teachers, source=rec.source, record_id=rec.id,
+                                       orig_size=rec.orig_size)
+        except RecordError as e:
+            return str(e)
+
+
+class PackedBatchDataset(grain.IterDataset):
+    """Batches of whole samples packed first-fit from a random-access stream (see module doc)."""
+
+    def __init__(self, stream: grain.MapDataset, budgets: Budgets, *, segments_per_row: int,
+                 lookahead: int, skip_bad_samples: bool, with_meta: bool, epoch_size: int):
+        super().__init__(stream)
+        self.epoch_size = epoch_size  # a whole epoch of skipped samples in a row means no good data
+        self.budgets, self.segments_per_row, self.lookahead = budgets, segments_per_row, lookahead
+        self.skip_bad_samples, self.with_meta = skip_bad_samples, with_meta
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """grain's mp_prefetch gives each worker a slice of the stream."""
+        self._parents = (self._parent.slice(sl),)
+
+    def __iter__(self) -> "PackedBatchIterator":
+        return PackedBatchIterator(self)
+
+
+class PackedBatchIterator(grain.DatasetIterator):
+    def __init__(self, ds: PackedBatchDataset):
+        super().__init__()
+        self._ds, self._stream = ds, ds._parent
+        self._next, self._carry, self._skipped, self._skipped_in_a_row = 0, [], 0, 0
+        self._cache: dict[int, EncodedSample] = {}
+
+    def _get(self, index: int) -> EncodedSample | None:
+        if index not in self._cache:
+            s = self._stream[index]
+            if not isinstance(s, str):
+                problem = budget_problem(s, self._ds.budgets)
+                s = problem if problem else s
+            if isinstance(s, str):
+                if not self._ds.skip_bad_samples:
+                    raise ValueError(s)
+                self._skipped += 1
+                self._skipped_in_a_row += 1
+                if self._skipped_in_a_row >= self._ds.epoch_size:
+                    raise ValueError(f"{self._skipped_in_a_row} samples in a row were bad, the last: {s}")
+                log.warning("skipped bad sample (%d so far): %s", self._skipped, s)
+                return None
+            self._cache[index] = s
+            self._skipped_in_a_row = 0
+        return self._cache[index]
+
+    def __next__(self):
+        ds = self._ds
+        packer = Packer(ds.budgets, ds.segments_per_row)
+        carry = []
+        for index in self._carry:
+            if not packer.add(self._get(index)):
+                carry.append(index)
+        while len(carry) < ds.lookahead and self._next < len(self._stream):
+            index = self._next
+            self._next += 1
+            sample = self._get(index)
+            if sample is None:
+                continue
+            if not packer.add(sample):
+                carry.append(index)
+        if packer.empty:
+            raise StopIteration
+        self._cache = {i: self._cache[i] for i in carry}
+        self._carry = carry
+        batch, metas = collate(packer.rows, ds.budgets)
+        return (batch, metas) if ds.with_meta else batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"next": self._next, "carry": list(self._carry), "skipped": self._skipped}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._next, self._carry = int(state["next"]), [int(i) for i in state["carry"]]
+        self._skipped = int(state["skipped"])
+        self._cache = {}
+
+
+def _stream(records, pool, encoder, *, teacher_ratio, max_teachers, seed, shuffle: bool,
+            repeat: bool) -> grain.MapDataset:
+    ds = grain.MapDataset.range(len(records))
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    return ds.random_map(EncodeRecord(records, pool, encoder, teacher_ratio, max_teachers), seed=seed)
+
+
+def _load(path: str | None, skip_bad_samples: bool) -> list[Record]:
+    if not path:
+        return []
+    records, errors = load_records(path, skip_bad_samples=skip_bad_samples)
+    for e in errors:
+        log.warning("skipped bad record: %s", e)
+    return records
+
+
+def make_train_iterator(jsonl: str, teacher_pool: str | None, tokenizer_dir: str, budgets: Budgets, *,
+                        collator: str, teacher_ratio: float, max_teachers: int, min_pixels: int,
+                        max_pixels: int, language: str, seed: int, num_workers: int = 0,
+                        skip_bad_samples: bool = False, lookahead: int = 8, shard_index: int = 0,
+                        shard_count: int = 1) -> grain.DatasetIterator:
+    """Endless training batches for this host's shard (records shard_index::shard_count)."""
+    if collator not in COLLATORS:
+        raise ValueError(f"collator must be one of {COLLATORS}, got {collator!r}")
+    records = _load(jsonl, skip_bad_samples)[shard_index::shard_count]
+    if not records:
+        raise ValueError(f"{jsonl}: no records for shard {shard_index}/{shard_count}")
+    pool = [r.student for r in _load(teacher_pool, skip_bad_samples)]
+    encoder = SampleEncoder(tokenizer_dir, min_pixels=min_pixels, max_pixels=max_pixels, language=language)
+    stream = _stream(records, pool, encoder, teacher_ratio=teacher_ratio, max_teachers=max_teachers,
+                     seed=seed, shuffle=True, repeat=True)
+    ds = PackedBatchDataset(stream, budgets, segments_per_row=budgets.segments if collator == "packed" else 1,
+                            lookahead=lookahead if collator == "packed" else 1,
+                            skip_bad_samples=skip_bad_samples, with_meta=False, epoch_size=len(records))
+    if num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain workers read absl flags; outside absl.app nobody parsed them
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(ds)
+
+
+def make_eval_batches(jsonl: str, tokenizer_dir: str, budgets: Budgets, *, min_pixels: int,
+                      max_pixels: int, language: str, teacher_pool: str | None = None,
+                      teacher_ratio: float = 0.0, max_teachers: int = 0, seed: int = 0,
+                      skip_bad_samples: bool = False) -> Iterator[tuple[dict[str, np.ndarray], list[list[dict]]]]:
+    """One deterministic pass, file order, one sample per row: (batch, metas) pairs."""
+    records = _load(jsonl, skip_bad_samples)
+    pool = [r.student for r in _load(teacher_pool, skip_bad_samples)]
+    encoder = SampleEncoder(tokenizer_dir, min_pixels=min_pixels, max_pixels=max_pixels, language=language)
+    stream = _stream(records, pool, encoder, teacher_ratio=teacher_ratio, max_teachers=max_teachers,
+                     seed=seed, shuffle=False, repeat=False)
+    return iter(PackedBatchDataset(stream, budgets, segments_per_row=1, lookahead=1,
+                                   skip_bad_samples=skip_bad_samples, with_meta=True,
+                                   epoch_size=max(1, len(records))))
+
+
+def build_inference_inputs(encoder: SampleEncoder, student_images: Sequence[str],
+                           teachers: Sequence[Example] = ()) -> tuple[dict[str, np.ndarray], dict]:
+    """Model inputs for ONE student (+ demonstrations), ending in the generation prompt.
+
+    Returns (batch, info): batch has the batch.FIELDS layout with B=1, S=1 and budgets equal to
+    the exact sizes (no padding; gt_* fields are empty with M=1); info holds rope_delta (what
+    decoding adds to positions) and the student's resized/stored image sizes.
+    """
+    student = Example(tuple(student_images), ())
+    s = encoder.encode(student, teachers, source="<inference>", record_id="<inference>", with_answer=False)
+    b = Budgets(rows=1, tokens=s.num_tokens, patches=max(4, s.num_patches), segments=1, objects=1,
+                caption_tokens=1, vision_memory=max(1, len(s.det_vision_index)),
+                text_memory=max(1, len(s.det_text_index)))
+    batch, metas = collate([[s]], b)
+    return batch, dict(metas[0][0], rope_delta=s.rope_delta, budgets=b)

@@ -1,0 +1,145 @@
+"""The JSONL training record, its three accepted forms, and validation naming FILE:LINE.
+
+Forms (image paths relative to the JSONL's folder; boxes absolute integer pixels of the stored
+image, x1 < x2, y1 < y2):
+  teacher-student  {"teachers": [EX, ...], "student": EX}
+  simple           {"images": [...], "objects": [...]}            (teachers come from the pool)
+  examples/target  {"examples": [EX, ...], "target": EX}
+where EX = {"images": [path, ...], "objects": [{"bbox_2d": [x1, y1, x2, y2], "desc": str}, ...]}.
+A record with "teachers"/"examples" uses exactly those (possibly none); a simple record gets
+teachers sampled from the pool at load time. Optional top-level keys written by conversion:
+"id" (str) and "orig_size" ([height, width] of the raw photo); other keys are ignored.
+With several images in one example the objects refer to the first image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+
+class RecordError(ValueError):
+    """A bad record; the message starts with FILE:LINE."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Obj:
+    bbox: tuple[int, int, int, int]  # x1, y1, x2, y2 absolute pixels
+    desc: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    images: tuple[str, ...]  # absolute paths
+    objects: tuple[Obj, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    student: Example
+    teachers: tuple[Example, ...] | None  # None: sample from the pool
+    source: str  # "FILE:LINE"
+    id: str
+    orig_size: tuple[int, int] | None = None  # (height, width) of the raw photo
+
+
+def _int(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+        raise ValueError(f"{what} must be an integer, got {v!r}")
+    return int(v)
+
+
+def parse_example(raw: Any, root: str, what: str) -> Example:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} must be an object with 'images' and 'objects'")
+    images = raw.get("images")
+    if not isinstance(images, list) or not images or not all(isinstance(p, str) and p for p in images):
+        raise ValueError(f"{what}.images must be a non-empty list of paths")
+    objects = raw.get("objects")
+    if not isinstance(objects, list):
+        raise ValueError(f"{what}.objects must be a list")
+    objs = []
+    for i, o in enumerate(objects):
+        where = f"{what}.objects[{i}]"
+        if not isinstance(o, dict):
+            raise ValueError(f"{where} must be an object")
+        box = o.get("bbox_2d")
+        if not isinstance(box, list) or len(box) != 4:
+            raise ValueError(f"{where}.bbox_2d must be [x1, y1, x2, y2]")
+        x1, y1, x2, y2 = (_int(v, f"{where}.bbox_2d") for v in box)
+        if min(x1, y1) < 0:
+            raise ValueError(f"{where}.bbox_2d {box} has negative coordinates")
+        if not (x1 < x2 and y1 < y2):
+            raise ValueError(f"{where}.bbox_2d {box} is degenerate or inverted (needs x1<x2, y1<y2)")
+        desc = o.get("desc")
+        if not isinstance(desc, str) or not desc.strip():
+            raise ValueError(f"{where}.desc must be a non-empty string")
+        objs.append(Obj((x1, y1, x2, y2), desc))
+    return Example(tuple(os.path.normpath(os.path.join(root, p)) for p in images), tuple(objs))
+
+
+def parse_record(raw: Any, root: str, source: str) -> Record:
+    """One decoded JSON line -> Record; raises RecordError('FILE:LINE: reason')."""
+    try:
+        if not isinstance(raw, dict):
+            raise ValueError("a record must be a JSON object")
+        if "student" in raw:
+            if not isinstance(raw.get("teachers", []), list):
+                raise ValueError("'teachers' must be a list")
+            teachers = tuple(parse_example(t, root, f"teachers[{i}]")
+                             for i, t in enumerate(raw.get("teachers", [])))
+            student = parse_example(raw["student"], root, "student")
+        elif "target" in raw:
+            if not isinstance(raw.get("examples", []), list):
+                raise ValueError("'examples' must be a list")
+            teachers = tuple(parse_example(t, root, f"examples[{i}]")
+                             for i, t in enumerate(raw.get("examples", [])))
+            student = parse_example(raw["target"], root, "target")
+        elif "images" in raw:
+            teachers, student = None, parse_example(raw, root, "record")
+        else:
+            raise ValueError("unknown record form: expected 'student', 'target' or 'images'")
+        rid = raw.get("id", source)
+        if not isinstance(rid, str):
+            raise ValueError("'id' must be a string")
+        orig = raw.get("orig_size")
+        if orig is not None:
+            if not isinstance(orig, list) or len(orig) != 2:
+                raise ValueError("'orig_size' must be [height, width]")
+            orig = tuple(_int(v, "orig_size") for v in orig)
+    except ValueError as e:
+        raise RecordError(f"{source}: {e}") from None
+    return Record(student, teachers, source, rid, orig)
+
+
+def decode_line(line: str, source: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{source}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """Yields (FILE:LINE, text) for each non-blank line."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield f"{path}:{n}", line
+
+
+def load_records(path: str | os.PathLike, *, skip_bad_samples: bool = False
+                 ) -> tuple[list[Record], list[str]]:
+    """All records of a JSONL file plus the errors of skipped ones (raises on the first when not skipping)."""
+    root = os.path.dirname(os.path.abspath(path))
+    records, errors = [], []
+    for source, line in iter_lines(path):
+        try:
+            records.append(parse_record(decode_line(line, source), root, source))
+        except RecordError as e:
+            if not skip_bad_samples:
+                raise
+            errors.append(str(e))
+    return records, errors

@@ -1,0 +1,70 @@
+"""Qwen2.5-VL image preprocessing, identical to transformers' Qwen2VLImageProcessor (PIL backend).
+
+transformers 5.24 picks the PIL backend (`Qwen2VLImageProcessorPil`) when torchvision is absent,
+as in our environment: RGB uint8 -> PIL bicubic resize to smart_resize(h, w) -> x * (1/255) in
+float64 then float32 -> (x - mean) / std -> patch rows. The torchvision backend resizes with
+antialiased bicubic on tensors and differs by up to a few 1e-2, so we match the PIL one.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from jaxtyping import Float, Int
+from PIL import Image
+
+PATCH_SIZE = 14
+TEMPORAL_PATCH_SIZE = 2
+MERGE_SIZE = 2
+FACTOR = PATCH_SIZE * MERGE_SIZE
+IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+# The 3B checkpoint's preprocessor_config.json.
+DEFAULT_MIN_PIXELS = 3136
+DEFAULT_MAX_PIXELS = 12845056
+
+
+def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = DEFAULT_MIN_PIXELS,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(h, w) multiples of `factor`, area within [min_pixels, max_pixels], aspect kept closely."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resize_image(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """RGB image resized to its smart_resize size with PIL bicubic (what conversion stores)."""
+    image = image.convert("RGB")
+    h, w = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
+    return image.resize((w, h), resample=Image.BICUBIC)
+
+
+def patchify(pixels: Float[np.ndarray, "c h w"]) -> Float[np.ndarray, "n 1176"]:
+    """Normalized (C, H, W) -> rows ordered (h-block, w-block, 2x2 inside), each (C, T, 14, 14)."""
+    c, h, w = pixels.shape
+    gh, gw = h // PATCH_SIZE, w // PATCH_SIZE
+    x = pixels.reshape(c, gh // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE, gw // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE)
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/2, gw/2, 2, 2, C, 14, 14)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], TEMPORAL_PATCH_SIZE, *x.shape[5:]))
+    return np.ascontiguousarray(x).reshape(gh * gw, c * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE)
+
+
+def preprocess_image(image: Image.Image, min_pixels: int = DEFAULT_MIN_PIXELS,
+                     max_pixels: int = DEFAULT_MAX_PIXELS
+                     ) -> tuple[Float[np.ndarray, "n 1176"], Int[np.ndarray, "3"]]:
+    """PIL image -> (pixel rows float32 (N, 1176), grid_thw int64 (3,)) as the HF processor gives."""
+    resized = np.asarray(resize_image(image, min_pixels, max_pixels))  # (H, W, 3) uint8
+    x = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = ((x - IMAGE_MEAN) / IMAGE_STD).transpose(2, 0, 1)
+    rows = patchify(x)
+    return rows, np.array([1, x.shape[1] // PATCH_SIZE, x.shape[2] // PATCH_SIZE], np.int64)

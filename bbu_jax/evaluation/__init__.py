@@ -1,0 +1,1 @@
+"""Evaluation: detection metrics, batch evaluation and pictures of predictions."""

@@ -1,0 +1,1 @@
+"""Inference: generation, response parsing and predict_detection."""

@@ -1,0 +1,43 @@
+"""Vision preprocessing parity with transformers' Qwen2VLImageProcessor."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from bbu_jax.data.vision_process import preprocess_image, smart_resize
+
+
+@pytest.mark.parametrize("hw", [(224, 224), (300, 451), (97, 640), (513, 200), (20, 30), (1000, 700)])
+@pytest.mark.parametrize("limits", [(3136, 12845056), (3136, 50176), (56 * 56, 200704)])
+def test_preprocess_matches_transformers(hw, limits):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+    rng = np.random.default_rng(hash(hw) % 1000)
+    img = Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
+    ref = Qwen2VLImageProcessorPil(min_pixels=limits[0], max_pixels=limits[1])(images=[img], return_tensors="np")
+    rows, grid = preprocess_image(img, *limits)
+    assert smart_resize(*hw, min_pixels=limits[0], max_pixels=limits[1]) == hf_smart_resize(
+        *hw, min_pixels=limits[0], max_pixels=limits[1])
+    assert rows.dtype == np.float32 and rows.shape == ref["pixel_values"].shape
+    np.testing.assert_array_equal(grid, ref["image_grid_thw"][0])
+    err = np.abs(rows - ref["pixel_values"]).max()
+    print(f"{hw} {limits}: max abs diff {err:.3g}")
+    assert err <= 1e-6
+
+
+def test_auto_image_processor_is_the_pil_backend(tiny_hf_dir):
+    """Documents which backend we match: without torchvision AutoImageProcessor gives the PIL one."""
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(tiny_hf_dir)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 260, 3), dtype=np.uint8))
+    ref = proc(images=[img], return_tensors="np")
+    rows, grid = preprocess_image(img, proc.min_pixels if hasattr(proc, "min_pixels") else 3136,
+                                  proc.max_pixels if hasattr(proc, "max_pixels") else 12845056)
+    print(type(proc).__name__, np.abs(rows - ref["pixel_values"]).max())
+    np.testing.assert_allclose(rows, ref["pixel_values"], atol=1e-6 if "Pil" in type(proc).__name__ else 0.1)
+
+
+def test_smart_resize_rejects_extreme_aspect():
+    with pytest.raises(ValueError, match="aspect ratio"):
+        smart_resize(10, 3000)
