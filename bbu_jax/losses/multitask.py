@@ -1,0 +1,106 @@
+"""The one training loss: language modeling plus (optionally) the detection head's set loss.
+
+``multitask_loss`` returns the weighted total and ``metrics``: {name: (sum, count)} float32
+scalars for every component, so exact means over accumulation steps, devices and logging intervals
+are sum(sums) / sum(counts) (``metric_means`` does the division for one step).
+
+Normalization. Each component's mean is sum / max(count, 1). Under ``jax.jit`` with a globally
+sharded batch, the counts computed here (``jnp.sum`` over the batch) are already global across
+devices. With gradient accumulation, pass ``normalizers`` — the counts of the whole accumulated
+batch (``loss_normalizers`` on the host batches, summed) — so every micro-step's gradient is
+scaled by the same global count and the accumulated gradient equals the full-batch one.
+
+Detection components: ``bbox_l1_loss``, ``bbox_giou_loss``, ``objectness_loss`` are the final
+decoder layer; ``*_aux`` the sum over the other layers (DETR auxiliary losses, same weight). The
+total uses both; ``caption_loss`` is on the final layer's matches only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from bbu_jax.losses.detection_loss import MatchCost, caption_loss_sums, set_loss_sums
+from bbu_jax.losses.lm_loss import lm_loss_sums
+from bbu_jax.models.detection_head import DetectionHead
+
+HEAD_INPUTS = ("det_vision_index", "det_vision_mask", "det_vision_pos", "det_text_index",
+               "det_text_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """Weights of the total; DETR reference values: bbox_l1 5, bbox_giou 2, objectness 2,
+    caption 1, matching 2/5/2 with focal alpha 0.25, gamma 2."""
+    lm: float
+    bbox_l1: float
+    bbox_giou: float
+    objectness: float
+    caption: float
+    match: MatchCost
+
+
+def loss_normalizers(batch: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Host-side counts that normalize the total: supervised tokens, valid GT boxes, supervised
+    caption tokens of valid GT boxes. Sum them over micro-batches for gradient accumulation.
+    They equal the counts in ``multitask_loss``'s metrics whenever every valid GT gets a query
+    (Q >= M) and every caption id is in the caption vocabulary (``check_caption_ids``)."""
+    valid = np.asarray(batch["gt_valid"], bool) & np.asarray(batch["segment_valid"], bool)[..., None]
+    return {"tokens": float((np.asarray(batch["target_kind"]) > 0).sum()),
+            "boxes": float(valid.sum()),
+            "caption_tokens": float((np.asarray(batch["gt_caption_mask"], bool) & valid[..., None]).sum())}
+
+
+def metric_means(metrics: Mapping[str, tuple[Array, Array]]) -> dict[str, Array]:
+    return {k: s / jnp.maximum(c, 1.0) for k, (s, c) in metrics.items()}
+
+
+def multitask_loss(hidden: Float[Array, "b l d"], lm_head: Float[Array, "v d"],
+                   batch: Mapping[str, Array], weights: LossWeights, *,
+                   head: DetectionHead | None = None, embed_table: Float[Array, "v d"] | None = None,
+                   caption_vocab: Array | None = None, detection: bool, lm_chunk: int,
+                   matcher: str = "scipy", normalizers: Mapping[str, Array] | None = None,
+                   head_outputs: Mapping[str, Array] | None = None
+                   ) -> tuple[Array, dict[str, tuple[Array, Array]]]:
+    """Weighted total loss and {name: (sum, count)} metrics. Jittable and differentiable
+    w.r.t. ``hidden``, ``lm_head``, ``embed_table`` and the head's parameters.
+
+    ``head_outputs``: the result of ``head(hidden, ...)`` when the caller already has it (e.g. an
+    evaluation step that also decodes predictions); otherwise the head is run here. The head
+    module is needed either way for the caption decoder.
+    """
+    metrics = dict(lm_loss_sums(hidden, lm_head, batch["targets"], batch["target_kind"], chunk=lm_chunk))
+    norm = dict(normalizers or {})
+    norm.setdefault("tokens", metrics["lm_loss"][1])
+
+    def mean(total, key):
+        return total / jnp.maximum(norm[key], 1.0)
+
+    total = weights.lm * mean(metrics["lm_loss"][0], "tokens")
+    if not detection:
+        return total, metrics
+    if head is None or embed_table is None or caption_vocab is None:
+        raise ValueError("detection=True needs head, embed_table and caption_vocab")
+
+    out = head(hidden, *(batch[k] for k in HEAD_INPUTS)) if head_outputs is None else head_outputs
+    sums, match = set_loss_sums(out["boxes"], out["logits"], batch["gt_boxes"], batch["gt_valid"],
+                                batch["segment_valid"], weights.match, matcher=matcher)
+    caption = caption_loss_sums(head, out["queries"], match, batch["gt_caption_ids"],
+                                batch["gt_caption_mask"], embed_table, caption_vocab)
+    boxes, tokens = sums["boxes"], caption["caption_tokens"]
+    norm.setdefault("boxes", boxes)
+    norm.setdefault("caption_tokens", tokens)
+    for name, w in (("bbox_l1", weights.bbox_l1), ("bbox_giou", weights.bbox_giou),
+                    ("objectness", weights.objectness)):
+        metrics[f"{name}_loss"] = (sums[name][-1], boxes)
+        metrics[f"{name}_loss_aux"] = (sums[name][:-1].sum(), boxes)
+        total = total + w * mean(sums[name].sum(), "boxes")
+    total = total + weights.caption * mean(caption["caption"], "caption_tokens")
+    metrics["caption_loss"] = (caption["caption"], tokens)
+    metrics["caption_accuracy"] = (caption["caption_correct"], tokens)
+    metrics["caption_oov_tokens"] = (caption["caption_oov"], jnp.ones((), jnp.float32))
+    metrics["matched_iou"] = (sums["matched_iou"], boxes)
+    return total, metrics
