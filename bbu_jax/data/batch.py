@@ -50,6 +50,11 @@ FIELDS: dict[str, tuple[tuple[str | int, ...], type]] = {
     "segment_valid": (("B", "S"), np.bool_),  # segment holds a real sample
 }
 
+# Which fields each module reads (the rest are loss targets).
+MODEL_INPUTS = ("input_ids", "positions", "segment_ids", "patches", "patch_pos", "patch_window_ids",
+                "patch_image_ids", "vision_token_index")
+HEAD_INPUTS = ("det_vision_index", "det_vision_mask", "det_vision_pos", "det_text_index", "det_text_mask")
+
 
 def expected_shapes(dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
     """Concrete shape of every field for the given budgets (keys B, L, P, S, M, C, NV, NT)."""

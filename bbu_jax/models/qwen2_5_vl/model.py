@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int
 
 from bbu_jax.models.qwen2_5_vl import host
 from bbu_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from bbu_jax.models.qwen2_5_vl.text import TextModel, param
+from bbu_jax.models.qwen2_5_vl.text import KVCache, TextModel, param
 from bbu_jax.models.qwen2_5_vl.vision import VisionTower
 
 
@@ -39,6 +39,33 @@ class Qwen25VL(nnx.Module):
         """Final-norm hidden states (B, L, D) f32. Without patches the batch is text only."""
         x = self.embed(input_ids, patches, patch_pos, patch_window_ids, patch_image_ids, vision_token_index)
         return self.language_model(x, positions, segment_ids)
+
+    def init_cache(self, batch: int, max_length: int) -> KVCache:
+        """An empty KV cache in the compute dtype: (layers, B, L_max, H_kv, D) keys and values."""
+        return self.language_model.init_cache(batch, max_length, self.compute_dtype)
+
+    def prefill(self, input_ids: Int[Array, "b l"], positions: Int[Array, "b 3 l"],
+                segment_ids: Int[Array, "b l"], cache: KVCache, kv_segment_ids: Int[Array, "b lmax"],
+                patches: Float[Array, "b p c"] | None = None, patch_pos: Int[Array, "b p 2"] | None = None,
+                patch_window_ids: Int[Array, "b p"] | None = None,
+                patch_image_ids: Int[Array, "b p"] | None = None,
+                vision_token_index: Int[Array, "b l"] | None = None) -> tuple[Float[Array, "b v"], KVCache]:
+        """Run a (left-padded) prompt into cache slots [0, L): logits of its last position + cache."""
+        x = self.embed(input_ids, patches, patch_pos, patch_window_ids, patch_image_ids, vision_token_index)
+        hidden, cache = self.language_model.with_cache(x, positions, segment_ids, cache, jnp.int32(0),
+                                                       kv_segment_ids)
+        return self.logits(hidden[:, -1:])[:, 0], cache
+
+    def decode_step(self, token: Int[Array, " b"], position: Int[Array, " b"], cache: KVCache,
+                    cache_index: Int[Array, ""], kv_segment_ids: Int[Array, "b lmax"]
+                    ) -> tuple[Float[Array, "b v"], KVCache]:
+        """One generated token per row at cache slot ``cache_index``; its M-RoPE position is
+        ``position`` on all three rows (generated text). Returns next-token logits + cache."""
+        positions = jnp.broadcast_to(position[:, None, None], (position.shape[0], 3, 1))
+        x = self.language_model.embed_tokens(token[:, None])
+        hidden, cache = self.language_model.with_cache(x, positions, jnp.ones_like(token[:, None]), cache,
+                                                       cache_index, kv_segment_ids)
+        return self.logits(hidden)[:, 0], cache
 
     def embed(self, input_ids, patches=None, patch_pos=None, patch_window_ids=None, patch_image_ids=None,
               vision_token_index=None) -> Float[Array, "b l d"]:

@@ -208,8 +208,7 @@ class TextModel(nnx.Module):
 
     def __call__(self, embeds: Float[Array, "b l d"], positions: Int[Array, "b 3 l"],
                  segment_ids: Int[Array, "b l"]) -> Float[Array, "b l d"]:
-        cos, sin = mrope_cos_sin(positions, head_dim=self.cfg.head_dim, theta=self.cfg.rope_theta,
-                                 mrope_section=self.cfg.mrope_section)
+        cos, sin = self._rope(positions)
 
         def body(x, layer):
             return layer(x, cos, sin, segment_ids)[0]
@@ -218,3 +217,26 @@ class TextModel(nnx.Module):
             body = nnx.remat(body, policy=remat_policy(self.remat))
         x = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(embeds.astype(jnp.float32), self.layers)
         return self.norm(x)
+
+    def init_cache(self, batch: int, max_length: int, dtype) -> KVCache:
+        """Zero keys and values for every layer: (layers, B, L_max, H_kv, D) each."""
+        shape = (self.cfg.num_hidden_layers, batch, max_length, self.cfg.num_key_value_heads, self.cfg.head_dim)
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+    def with_cache(self, embeds: Float[Array, "b l d"], positions: Int[Array, "b 3 l"],
+                   segment_ids: Int[Array, "b l"], cache: KVCache, cache_index: Int[Array, ""],
+                   kv_segment_ids: Int[Array, "b lmax"]) -> tuple[Float[Array, "b l d"], KVCache]:
+        """Prefill (L tokens) or decode (L = 1) through a stacked cache (see ``init_cache``):
+        this call's keys/values land at ``cache_index`` and queries attend over the whole cache."""
+        cos, sin = self._rope(positions)
+
+        def body(x, layer, layer_cache):
+            return layer(x, cos, sin, segment_ids, layer_cache, cache_index, kv_segment_ids)
+
+        x, cache = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(
+            embeds.astype(jnp.float32), self.layers, cache)
+        return self.norm(x), cache
+
+    def _rope(self, positions):
+        return mrope_cos_sin(positions, head_dim=self.cfg.head_dim, theta=self.cfg.rope_theta,
+                             mrope_section=self.cfg.mrope_section)
