@@ -2,11 +2,11 @@
 
     python benchmarks/convert_3b.py [--text_layers 36] [--workdir DIR]
 
-Writes a random checkpoint with Qwen2.5-VL-3B's shapes (bf16 on disk, sharded like the release;
+Writes (or reuses, in --workdir) a random checkpoint with Qwen2.5-VL-3B's shapes (bf16 on disk, sharded like the release;
 fewer text layers when memory is short), then runs each step in a fresh process so every peak
 RSS is its own: (1) read every tensor with safetensors, (2) from_hf (float32 params on the
-device), (3) the whole hf_to_flax CLI (from_hf + orbax save). Last line:
-`convert_3b: hf_to_flax/read = RATIO`.
+device), (3) hf_to_flax (from_hf + orbax save) storing bf16 and storing f32. A step that runs
+out of memory is reported as such. Last line: `convert_3b: hf_to_flax_bf16/read = RATIO`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,7 +31,8 @@ STEPS = {
             "        for k in h.keys(): n += h.get_tensor(k).nbytes\n",
     "from_hf": "import jax\nfrom bbu_jax.models.qwen2_5_vl import from_hf\n"
                "m = from_hf(HF)\njax.block_until_ready(m.language_model.norm.weight[...])\n",
-    "hf_to_flax": "from convert_weights.hf_to_flax import convert\nconvert(HF, OUT)\n",
+    "hf_to_flax_bf16": "from convert_weights.hf_to_flax import convert\nconvert(HF, OUT, 'bfloat16')\n",
+    "hf_to_flax_f32": "from convert_weights.hf_to_flax import convert\nconvert(HF, OUT, 'float32')\n",
 }
 
 
@@ -47,16 +47,30 @@ def run_step(name: str, hf: Path, out: Path) -> tuple[float, float]:
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[1])
+    if res.returncode == -9:  # the kernel's OOM killer
+        return float("nan"), float("nan")
     if res.returncode:
         raise RuntimeError(f"{name} failed:\n{res.stderr[-3000:]}")
     figures = json.loads(res.stdout.strip().splitlines()[-1])
     return figures["s"], figures["rss"]
 
 
-def main() -> None:
+def write_checkpoint(hf: Path, text_layers: int) -> None:
+    """Random weights with Qwen2.5-VL-3B's shapes, bf16 and sharded like the release."""
     import ml_dtypes
 
     from bbu_jax.testing.tiny_hf import write_tiny_qwen2_5_vl
+
+    write_tiny_qwen2_5_vl(
+        hf, weights_dtype=ml_dtypes.bfloat16, max_shard_bytes=4 * 2**30,
+        vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+        num_hidden_layers=text_layers, num_attention_heads=16, num_key_value_heads=2,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+        vision_depth=32, vision_hidden_size=1280, vision_intermediate_size=3420, vision_num_heads=16,
+        vision_out_hidden_size=2048, vision_fullatt_block_indexes=[7, 15, 23, 31])
+
+
+def main() -> None:
     from benchmarks._common import record
 
     parser = argparse.ArgumentParser()
@@ -65,23 +79,16 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="convert_3b_"))
     hf = work / "hf"
-    t0 = time.perf_counter()
-    write_tiny_qwen2_5_vl(
-        hf, weights_dtype=ml_dtypes.bfloat16, max_shard_bytes=4 * 2**30,
-        vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-        num_hidden_layers=args.text_layers, num_attention_heads=16, num_key_value_heads=2,
-        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-        vision_depth=32, vision_hidden_size=1280, vision_intermediate_size=3420, vision_num_heads=16,
-        vision_out_hidden_size=2048, vision_fullatt_block_indexes=[7, 15, 23, 31])
+    if not (hf / "config.json").is_file():
+        write_checkpoint(hf, args.text_layers)
     disk = sum(f.stat().st_size for f in hf.glob("*.safetensors")) / 2**30
-    print(f"wrote 3B-shape checkpoint ({args.text_layers} text layers, {disk:.2f} GiB bf16) "
-          f"in {time.perf_counter() - t0:.0f}s")
-    rows = {name: run_step(name, hf, work / "flax") for name in STEPS}
-    print(f"{'step':<12}{'seconds':>10}{'peak RSS GiB':>14}")
+    print(f"3B-shape checkpoint: {args.text_layers} text layers, {disk:.2f} GiB bf16")
+    rows = {name: run_step(name, hf, work / name) for name in STEPS}
+    print(f"{'step':<16}{'seconds':>10}{'peak RSS GiB':>14}")
     for name, (s, rss) in rows.items():
-        print(f"{name:<12}{s:>10.1f}{rss:>14.2f}")
-    ratio = rows["hf_to_flax"][0] / rows["read"][0]
-    record("convert_3b", f"convert_3b: hf_to_flax/read = {ratio:.1f}", text_layers=args.text_layers,
+        print(f"{name:<16}{s:>10.1f}{rss:>14.2f}" + ("   (killed: out of memory)" if s != s else ""))
+    ratio = rows["hf_to_flax_bf16"][0] / rows["read"][0]
+    record("convert_3b", f"convert_3b: hf_to_flax_bf16/read = {ratio:.1f}", text_layers=args.text_layers,
            checkpoint_gib=disk, **{f"{k}_s": v[0] for k, v in rows.items()},
            **{f"{k}_peak_rss_gib": v[1] for k, v in rows.items()})
 

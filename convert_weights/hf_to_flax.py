@@ -2,8 +2,9 @@
 
     python -m convert_weights.hf_to_flax --hf_dir HF_DIR --out OUT
 
-OUT/params/ holds the model parameters as an orbax checkpoint (a pure dict of float32 arrays,
-restorable onto any mesh), OUT/hf/ the source's config.json, tokenizer and processor files (so
+OUT/params/ holds the model parameters as an orbax checkpoint (a pure dict of arrays, restorable
+onto any mesh; restoring casts to the model's float32 params, so `--dtype bfloat16` is lossless for
+the released bf16 checkpoints and halves the conversion's memory), OUT/hf/ the source's config.json, tokenizer and processor files (so
 an export needs nothing else), OUT/bbu_jax.json what this is and where it came from.
 """
 from __future__ import annotations
@@ -38,11 +39,16 @@ def save_params_checkpoint(model: nnx.Module, out: Path, hf_files_from: Path, so
     return Path(out)
 
 
-def convert(hf_dir: str | Path, out: str | Path) -> Path:
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def convert(hf_dir: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir}: not a folder")
-    model = from_hf(hf_dir, dtype=jnp.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not one of {sorted(DTYPES)}")
+    model = from_hf(hf_dir, dtype=DTYPES[dtype])
     return save_params_checkpoint(model, Path(out), hf_dir, source=str(hf_dir.absolute()))
 
 
@@ -50,9 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf_dir", required=True, help="HF Qwen2.5-VL folder (config.json + safetensors)")
     parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="stored precision (bfloat16: lossless for bf16 checkpoints, half the memory)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    out = convert(args.hf_dir, args.out)
+    out = convert(args.hf_dir, args.out, args.dtype)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
 
 

@@ -183,7 +183,10 @@ def write_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, *, bpe_voca
     out = Path(out_dir)
     tok = _train_tokenizer(bpe_vocab)
     special_ids = {s: tok.token_to_id(s) for s in SPECIAL_TOKENS}
-    vocab_size = -(-tok.get_vocab_size() // 64) * 64  # pad like Qwen does (151936 > 151665)
+    padded = -(-tok.get_vocab_size() // 64) * 64  # pad like Qwen does (151936 > 151665)
+    vocab_size = overrides.pop("vocab_size", padded)
+    if vocab_size < tok.get_vocab_size():
+        raise ValueError(f"vocab_size {vocab_size} < tokenizer size {tok.get_vocab_size()}")
     config = tiny_config(vocab_size, special_ids, **overrides)
     config["torch_dtype"] = np.dtype(weights_dtype).name
 

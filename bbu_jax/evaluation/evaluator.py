@@ -1,0 +1,85 @@
+"""Jitted batch evaluation over a whole val file: every loss component and the head's detections.
+
+One jitted step per fixed-shape batch computes the LLM forward once, the multi-task loss as
+(sum, count) pairs and the head's top-k detections; sums and counts are added over batches on
+the host, so means are exact whatever the padding (padded rows carry no targets and no boxes) and
+however the batch is sharded (a sum inside jit over a sharded batch is already global).
+"""
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bbu_jax.data.batch import HEAD_INPUTS, MODEL_INPUTS
+from bbu_jax.data.schema import Record
+from bbu_jax.evaluation.metrics import head_metrics
+from bbu_jax.inference.predict import decode_detections, detect_from_outputs
+from bbu_jax.losses import LossWeights, multitask_loss
+from bbu_jax.models.detection_head import DetectionHead
+from bbu_jax.models.qwen2_5_vl import Qwen25VL
+
+
+@nnx.jit(static_argnames=("weights", "lm_chunk", "matcher", "top_k"))
+def eval_step(model: Qwen25VL, head: DetectionHead | None, batch: dict, caption_vocab, end_token_id, *,
+              weights: LossWeights, lm_chunk: int, matcher: str, top_k: int):
+    """(metrics {name: (sum, count)}, detections or None) for one batch."""
+    hidden = model(**{k: batch[k] for k in MODEL_INPUTS})
+    outputs = None if head is None else head(hidden, *(batch[k] for k in HEAD_INPUTS))
+    _, metrics = multitask_loss(hidden, model.lm_head_matrix(), batch, weights, head=head,
+                                embed_table=model.embed_table(), caption_vocab=caption_vocab,
+                                detection=head is not None, lm_chunk=lm_chunk, matcher=matcher,
+                                head_outputs=outputs)
+    if head is None:
+        return metrics, None
+    return metrics, detect_from_outputs(model, head, outputs, caption_vocab, end_token_id, top_k)
+
+
+def evaluate(model: Qwen25VL, head: DetectionHead | None, batches: Iterable[tuple[dict, list[list[dict]]]],
+             records: Sequence[Record], tokenizer, *, caption_vocab: np.ndarray | None,
+             weights: LossWeights, lm_chunk: int, matcher: str = "scipy", top_k: int = 100,
+             prefix: str = "val/") -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Val losses (``{prefix}lm_loss`` ...) and, with a head, COCO metrics (``{prefix}mAP50`` ...
+    alongside the ``head/*`` keys of ``metrics.head_metrics``) over every batch; plus one
+    prediction record per sample ({"source", "id", "image", "gt", "pred"}) for reports and pictures.
+    """
+    by_source = {r.source: r for r in records}
+    end_id = jnp.int32(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    vocab = None if caption_vocab is None else jnp.asarray(caption_vocab, jnp.int32)
+    k = 0 if head is None else min(top_k, head.num_queries)
+    sums: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, float] = collections.defaultdict(float)
+    predictions: list[dict[str, Any]] = []
+    for batch, metas in batches:
+        metrics, dets = eval_step(model, head, batch, vocab, end_id, weights=weights, lm_chunk=lm_chunk,
+                                  matcher=matcher, top_k=k)
+        for name, (s, c) in metrics.items():
+            sums[name] += float(s)
+            counts[name] += float(c)
+        decoded = {} if dets is None else decode_detections(*dets, metas, tokenizer, score_threshold=0.0)
+        for meta in (m for row in metas for m in row):
+            record = by_source[meta["source"]]
+            gt = [{"bbox_2d": list(o.bbox), "desc": o.desc} for o in record.student.objects]
+            det = decoded.get((meta["row"], meta["segment"]))
+            pred = [] if det is None else [
+                {"bbox_2d": [round(float(v), 1) for v in box], "desc": cap, "score": float(score)}
+                for box, score, cap in zip(det.boxes, det.scores, det.captions)]
+            predictions.append({"source": meta["source"], "id": meta["id"], "image": meta["image"],
+                                "gt": gt, "pred": pred})
+    report = {f"{prefix}{name}": sums[name] / max(counts[name], 1.0) for name in sums}
+    report[f"{prefix}num_samples"] = float(len(predictions))
+    if head is not None and predictions:
+        coco = head_metrics([p["gt"] for p in predictions], [p["pred"] for p in predictions])
+        report.update({f"{prefix}{key}": value for key, value in coco.items()})
+        report[f"{prefix}mAP"], report[f"{prefix}mAP50"] = coco["head/AP"], coco["head/AP50"]
+    return report, predictions
+
+
+def json_safe(report: Mapping[str, float]) -> dict[str, float | None]:
+    """NaN (a metric with nothing to measure) -> null, so the report is valid JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in report.items()}

@@ -1,0 +1,61 @@
+"""Jitted batch evaluation: exact means whatever the batching, COCO metrics on the head's boxes."""
+import math
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from bbu_jax.data import convert, synthetic
+from bbu_jax.data.collate import Budgets
+from bbu_jax.data.encode import SampleEncoder, build_caption_vocab
+from bbu_jax.data.pipeline import make_eval_batches
+from bbu_jax.data.schema import load_records
+from bbu_jax.evaluation.evaluator import evaluate, json_safe
+from bbu_jax.losses import LossWeights, MatchCost
+from bbu_jax.models.detection_head import DetectionHead
+from bbu_jax.models.qwen2_5_vl import from_hf
+
+PIX = dict(min_pixels=3136, max_pixels=56 * 56 * 8)
+WEIGHTS = LossWeights(lm=1.0, bbox_l1=5.0, bbox_giou=2.0, objectness=2.0, caption=1.0,
+                      match=MatchCost(2.0, 5.0, 2.0, 0.25, 2.0))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_hf_dir, tmp_path_factory):
+    raw, out = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("data")
+    synthetic.write_labelme_dataset(str(raw), num_images=10, seed=2)
+    convert.convert_dataset(str(raw), "labelme", str(out), val_ratio=0.5, teacher_pool_size=1, seed=0,
+                            language="en", progress=False, **PIX)
+    tokenizer = SampleEncoder(str(tiny_hf_dir), language="en", **PIX).tokenizer
+    vocab = build_caption_vocab([str(out / "train.jsonl"), str(out / "val.jsonl")], tokenizer)
+    head = DetectionHead(llm_hidden=64, width=32, num_queries=12, num_layers=2, num_heads=2, mlp_dim=64,
+                         caption_layers=1, max_caption_len=32, rngs=nnx.Rngs(0))
+    return dict(model=from_hf(tiny_hf_dir), head=head, val=str(out / "val.jsonl"), tokenizer=tokenizer,
+                vocab=vocab, hf=str(tiny_hf_dir))
+
+
+def _run(setup, rows: int):
+    budgets = Budgets(rows=rows, tokens=1024, patches=768, segments=1, objects=16, caption_tokens=32,
+                      vision_memory=64, text_memory=48)
+    batches = make_eval_batches(setup["val"], setup["hf"], budgets, language="en", **PIX)
+    records, _ = load_records(setup["val"])
+    return evaluate(setup["model"], setup["head"], batches, records, setup["tokenizer"],
+                    caption_vocab=setup["vocab"], weights=WEIGHTS, lm_chunk=256, top_k=10)
+
+
+def test_means_exact_whatever_the_batching(setup):
+    one, preds_one = _run(setup, rows=1)
+    three, preds_three = _run(setup, rows=3)  # the last batch has padding rows
+    n = len(load_records(setup["val"])[0])
+    assert n % 3 and one["val/num_samples"] == three["val/num_samples"] == n
+    for key in ("val/lm_loss", "val/student_lm_loss", "val/bbox_l1_loss", "val/bbox_giou_loss",
+                "val/objectness_loss", "val/caption_loss"):
+        assert math.isfinite(one[key]) and one[key] > 0
+        assert one[key] == pytest.approx(three[key], rel=1e-5), key
+    assert [p["source"] for p in preds_one] == [p["source"] for p in preds_three]
+    for a, b in zip(preds_one, preds_three):
+        assert len(a["pred"]) == len(b["pred"]) == 10 and a["gt"] == b["gt"]
+        np.testing.assert_allclose([o["score"] for o in a["pred"]], [o["score"] for o in b["pred"]], rtol=1e-4)
+    # An untrained head finds next to nothing, but the COCO keys are there and JSON-safe.
+    assert 0.0 <= one["val/mAP50"] <= 1.0 and one["val/mAP50"] == one["val/head/AP50"]
+    assert all(v is None or math.isfinite(v) for v in json_safe(one).values())
