@@ -25,20 +25,6 @@ import os
 import sys
 import time
 
-import numpy as np
-
-
-def pick_teachers(record, pool, num_teachers: int, rng: np.random.Generator) -> tuple:
-    """The record's own teachers (at most num_teachers), else num_teachers distinct pool entries
-    that do not show the student's images."""
-    if num_teachers <= 0:
-        return ()
-    if record.teachers is not None:
-        return record.teachers[:num_teachers]
-    candidates = [i for i, p in enumerate(pool) if not set(p.images) & set(record.student.images)]
-    n = min(num_teachers, len(candidates))
-    return tuple(pool[i] for i in sorted(rng.choice(candidates, n, replace=False).tolist())) if n else ()
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,14 +55,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
 
     import jax.numpy as jnp
-    from tqdm import tqdm
 
     from bbu_jax.data.encode import SampleEncoder
-    from bbu_jax.data.pipeline import build_inference_inputs
-    from bbu_jax.data.schema import RecordError, load_records
+    from bbu_jax.data.schema import load_records
     from bbu_jax.evaluation.metrics import generate_metrics
-    from bbu_jax.inference.generate import generate_from_inputs
-    from bbu_jax.inference.parser import parse_response
+    from bbu_jax.inference.answers import generate_answers
     from bbu_jax.models.qwen2_5_vl import from_hf
 
     records, errors = load_records(args.input_jsonl, skip_bad_samples=args.skip_bad_samples)
@@ -87,46 +70,26 @@ def main(argv=None) -> int:
         pool, errors = [r.student for r in pool_records], errors + pool_errors
     encoder = SampleEncoder(args.model_path, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                             language=args.language)
-    prompts = []  # (record, model inputs, info)
-    for i, rec in enumerate(records):
-        teachers = pick_teachers(rec, pool, args.num_teachers, np.random.default_rng((args.seed, i)))
-        try:
-            inputs, info = build_inference_inputs(encoder, rec.student.images, teachers)
-        except RecordError as e:
-            if not args.skip_bad_samples:
-                raise
-            errors.append(str(e))
-            continue
-        prompts.append((rec, inputs, info))
-    for e in errors:
-        print(f"skipped {e}", file=sys.stderr)
-    if not prompts:
-        print(f"{args.input_jsonl}: no usable records", file=sys.stderr)
-        return 1
-
     out_dir = os.path.dirname(os.path.abspath(args.output_file))
     os.makedirs(out_dir, exist_ok=True)  # before the long part: a bad path fails now
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = from_hf(args.model_path, dtype, compute_dtype=dtype)
-    lines, gts, preds, statuses = [], [], [], []
     start = time.perf_counter()
-    for k in tqdm(range(0, len(prompts), args.batch_size), desc="generate", unit="batch"):
-        chunk = prompts[k:k + args.batch_size]
-        texts = generate_from_inputs(model, encoder.tokenizer, [c[1] for c in chunk],
-                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                     temperature=args.temperature, top_p=args.top_p,
-                                     seed=args.seed + k // args.batch_size, length_bucket=args.length_bucket,
-                                     patch_bucket=args.patch_bucket)
-        for (rec, _, info), text in zip(chunk, texts):
-            pred, status = parse_response(text, tuple(info["resized_hw"]), tuple(info["stored_hw"]))
-            gt = [{"bbox_2d": list(o.bbox), "desc": o.desc} for o in rec.student.objects]
-            gts.append(gt)
-            preds.append(pred)
-            statuses.append(status)
-            line = {"id": rec.id, "images": [os.path.relpath(x, out_dir) for x in rec.student.images],
-                    "gt": gt, "pred": pred, "response": text, "parse_status": status.to_dict()}
-            lines.append(json.dumps(line, ensure_ascii=False))
+    answers, bad = generate_answers(
+        model, encoder, records, pool, num_teachers=args.num_teachers, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        length_bucket=args.length_bucket, patch_bucket=args.patch_bucket,
+        skip_bad_samples=args.skip_bad_samples)
     elapsed = time.perf_counter() - start
+    errors += bad
+    for e in errors:
+        print(f"skipped {e}", file=sys.stderr)
+    if not answers:
+        print(f"{args.input_jsonl}: no usable records", file=sys.stderr)
+        return 1
+    lines = [json.dumps({"id": a.record.id, "images": [os.path.relpath(x, out_dir) for x in a.record.student.images],
+                         "gt": a.gt, "pred": a.pred, "response": a.response, "parse_status": a.status.to_dict()},
+                        ensure_ascii=False) for a in answers]
 
     tmp = f"{args.output_file}.{os.getpid()}.tmp"
     try:
@@ -138,7 +101,7 @@ def main(argv=None) -> int:
             os.unlink(tmp)
         raise
 
-    m = generate_metrics(gts, preds, statuses)
+    m = generate_metrics([a.gt for a in answers], [a.pred for a in answers], [a.status for a in answers])
     print(f"wrote {len(lines)} predictions to {args.output_file} in {elapsed:.1f}s"
           + (f" ({len(errors)} bad records skipped)" if errors else ""))
     print(f"parse failures {m['parse_failures']}, empty outputs {m['generate/empty_outputs']}, "

@@ -10,6 +10,7 @@ from PIL import Image
 
 from bbu_jax.data.schema import load_records
 from bbu_jax.evaluation import visualize
+from bbu_jax.inference.answers import pick_teachers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,10 +50,10 @@ def test_pick_teachers_excludes_student_and_prefers_own(dataset):
     records, _ = load_records(dataset / "val.jsonl")
     pool = [r.student for r in load_records(dataset / "pool.jsonl")[0]]
     rng = np.random.default_rng(0)
-    chosen = infer.pick_teachers(records[0], pool, 2, rng)  # pool[1] shows the student's image
+    chosen = pick_teachers(records[0], pool, 2, rng)  # pool[1] shows the student's image
     assert [t.images for t in chosen] == [pool[0].images]
-    assert infer.pick_teachers(records[2], pool, 1, rng) == records[2].teachers
-    assert infer.pick_teachers(records[0], pool, 0, rng) == ()
+    assert pick_teachers(records[2], pool, 1, rng) == records[2].teachers
+    assert pick_teachers(records[0], pool, 0, rng) == ()
 
 
 def test_infer_writes_predictions(dataset, tiny_hf_dir, tmp_path, capsys):

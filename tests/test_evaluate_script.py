@@ -1,0 +1,82 @@
+"""scripts/evaluate.py on an export folder (HF files + detection head), and the head's files."""
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from bbu_jax.data import convert, synthetic
+from bbu_jax.data.encode import SampleEncoder, build_caption_vocab
+from bbu_jax.models.detection_head import DetectionHead
+from convert_weights.detection_head_files import load_detection_head, save_detection_head
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+evaluate_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(evaluate_script)
+
+PIX = ["--min_pixels", "3136", "--max_pixels", str(56 * 56 * 8)]
+HEAD = dict(llm_hidden=64, width=32, num_queries=8, num_layers=2, num_heads=2, mlp_dim=64,
+            caption_layers=1, max_caption_len=32)
+
+
+@pytest.fixture(scope="module")
+def export(tiny_hf_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    synthetic.write_labelme_dataset(str(root / "raw"), num_images=8, seed=3)
+    convert.convert_dataset(str(root / "raw"), "labelme", str(root / "data"), min_pixels=3136,
+                            max_pixels=56 * 56 * 8, val_ratio=0.5, teacher_pool_size=1, seed=0,
+                            language="en", progress=False)
+    run = root / "run"
+    shutil.copytree(tiny_hf_dir, run / "hf_export")
+    tok = SampleEncoder(str(tiny_hf_dir), min_pixels=3136, max_pixels=56 * 56 * 8, language="en").tokenizer
+    vocab = build_caption_vocab([str(root / "data" / "train.jsonl"), str(root / "data" / "val.jsonl")], tok)
+    save_detection_head(DetectionHead(**HEAD, rngs=nnx.Rngs(1)), run / "hf_export", HEAD, vocab)
+    return root
+
+
+def test_head_files_roundtrip_and_errors(tmp_path):
+    head = DetectionHead(**HEAD, rngs=nnx.Rngs(2))
+    save_detection_head(head, tmp_path, HEAD, np.array([3, 9]))
+    loaded, vocab = load_detection_head(tmp_path)
+    assert vocab.tolist() == [3, 9]
+    for a, b in zip(jax.tree.leaves(nnx.state(head, nnx.Param)), jax.tree.leaves(nnx.state(loaded, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+    config = json.loads((tmp_path / "detection_head_config.json").read_text())
+    (tmp_path / "detection_head_config.json").write_text(json.dumps({**config, "width": 16}))
+    with pytest.raises(ValueError, match="has shape"):
+        load_detection_head(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no detection head"):
+        load_detection_head(tmp_path / "missing")
+
+
+def test_evaluate_both_modes(export, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    rc = evaluate_script.main(["--checkpoint", str(export / "run"), "--data", str(export / "data" / "val.jsonl"),
+                               "--output", str(out), "--mode", "both", "--language", "en", "--batch_size", "2",
+                               "--max_new_tokens", "8", "--top_k", "5", "--lm_chunk", "256",
+                               "--predictions_dir", str(tmp_path / "preds"), *PIX])
+    assert rc == 0
+    report = json.loads(out.read_text())  # valid JSON (NaN written as null)
+    for key in ("head/AP", "head/AP50", "head/AR100", "generate/precision", "generate/recall",
+                "generate/f1", "caption_accuracy", "parse_failures", "lm_loss", "bbox_giou_loss"):
+        assert key in report, key
+    assert report["num_records"] == 4
+    assert "head/AP50" in capsys.readouterr().out
+    from bbu_jax.evaluation import visualize
+    for name in ("head_predictions.jsonl", "generate_predictions.jsonl"):
+        recs, _ = visualize.load_records(tmp_path / "preds" / name)
+        assert len(recs) == 4
+
+
+def test_generate_only_leaves_head_keys_out(export, tmp_path):
+    out = tmp_path / "report.json"
+    evaluate_script.main(["--checkpoint", str(export / "run" / "hf_export"), "--data",
+                          str(export / "data" / "val.jsonl"), "--output", str(out), "--mode", "generate",
+                          "--language", "en", "--batch_size", "2", "--max_new_tokens", "4", *PIX])
+    report = json.loads(out.read_text())
+    assert "generate/f1" in report and not any(k.startswith("head/") for k in report)
