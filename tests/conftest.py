@@ -2,7 +2,10 @@
 import os
 
 # Must happen before jax is imported anywhere in the test session.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The concurrency-optimized CPU scheduler can order collectives differently on different fake
+# devices and deadlock a 2x2x2 mesh (seen with the detection head); scripts/train.py sets it too.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -118,7 +118,7 @@ def test_head_overfits_fixed_memories():
         loss, metrics, (grads, _, _) = loss_and_grads((graphdef, params), hidden, table, batch)
         params, opt_state = update(params, opt_state, grads)
     iou = float(metrics["matched_iou"][0] / metrics["matched_iou"][1])
-    acc = float(metrics["caption_accuracy"][0] / metrics["caption_accuracy"][1])
+    acc = float(metrics["caption_token_accuracy"][0] / metrics["caption_token_accuracy"][1])
     print(f"loss {float(loss):.3f} matched IoU {iou:.3f} caption accuracy {acc:.3f}")
     assert iou > 0.8 and acc > 0.98
 

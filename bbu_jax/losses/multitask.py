@@ -100,7 +100,7 @@ def multitask_loss(hidden: Float[Array, "b l d"], lm_head: Float[Array, "v d"],
         total = total + w * mean(sums[name].sum(), "boxes")
     total = total + weights.caption * mean(caption["caption"], "caption_tokens")
     metrics["caption_loss"] = (caption["caption"], tokens)
-    metrics["caption_accuracy"] = (caption["caption_correct"], tokens)
+    metrics["caption_token_accuracy"] = (caption["caption_correct"], tokens)
     metrics["caption_oov_tokens"] = (caption["caption_oov"], jnp.ones((), jnp.float32))
     metrics["matched_iou"] = (sums["matched_iou"], boxes)
     return total, metrics
