@@ -37,47 +37,47 @@ log = logging.getLogger("train")
 
 
 def main(argv) -> int:
-  del argv
-  c = _CONFIG.value
-  level = _LOG_LEVEL.value or c.log_level
-  logging.getLogger().setLevel(level)  # absl.app installed the handler on the root logger
-  # orbax and grain log every file operation at INFO through absl: keep them to warnings.
-  logging.getLogger("absl").setLevel(max(logging.getLevelName(level), logging.WARNING))
-  if _PRINT_CONFIG.value:
-    print(c)
-    return 0
+    del argv
+    c = _CONFIG.value
+    level = _LOG_LEVEL.value or c.log_level
+    logging.getLogger().setLevel(level)  # absl.app installed the handler on the root logger
+    # orbax and grain log every file operation at INFO through absl: keep them to warnings.
+    logging.getLogger("absl").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    if _PRINT_CONFIG.value:
+        print(c)
+        return 0
 
-  from bbu_jax.training.config import ConfigError, validate
-  try:
-    validate(c)  # everything that needs no devices
-  except ConfigError as e:
-    print(e, file=sys.stderr)
-    return 1
+    from bbu_jax.training.config import ConfigError, validate
+    try:
+        validate(c)  # everything that needs no devices
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
 
-  import jax
-  if c.distributed:
-    jax.distributed.initialize(coordinator_address=c.coordinator_address or None,
-                               num_processes=c.num_processes or None,
-                               process_id=None if c.process_id < 0 else c.process_id)
-  from bbu_jax.training import run
-  try:
-    validate(c, device_count=jax.device_count())
-    run.prepare_assets(c)
-    if c.check_budgets_on_start:
-      run.check_budgets(c)
-  except (ConfigError, ValueError, FileNotFoundError) as e:
-    print(e, file=sys.stderr)
-    return 1
-  if _VALIDATE_ONLY.value:
-    print(f"config OK ({jax.device_count()} devices)")
-    return 0
-  if _TEST_FORWARD.value:
-    run.test_forward_pass(c)
-    return 0
-  return 2 if run.train(c).stop_reason == "nonfinite" else 0
+    import jax
+    if c.distributed:
+        jax.distributed.initialize(coordinator_address=c.coordinator_address or None,
+                                   num_processes=c.num_processes or None,
+                                   process_id=None if c.process_id < 0 else c.process_id)
+    from bbu_jax.training import run
+    try:
+        validate(c, device_count=jax.device_count())
+        run.prepare_assets(c)
+        if c.check_budgets_on_start:
+            run.check_budgets(c)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(e, file=sys.stderr)
+        return 1
+    if _VALIDATE_ONLY.value:
+        print(f"config OK ({jax.device_count()} devices)")
+        return 0
+    if _TEST_FORWARD.value:
+        run.test_forward_pass(c)
+        return 0
+    return 2 if run.train(c).stop_reason == "nonfinite" else 0
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  flags.mark_flag_as_required("config")
-  app.run(lambda argv: sys.exit(main(argv)))
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    flags.mark_flag_as_required("config")
+    app.run(lambda argv: sys.exit(main(argv)))

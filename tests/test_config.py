@@ -10,32 +10,32 @@ CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 
 
 def load(name: str):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 @pytest.mark.parametrize("name,devices", [("base", 8), ("demo", 1)])
 def test_shipped_configs_are_complete_and_valid(name, devices):
-  c = load(name)
-  assert set(c.keys()) == set(cfg_lib.SCHEMA)
-  cfg_lib.validate(c, device_count=devices)
-  with pytest.raises(AttributeError):
-    c.not_a_key = 1  # locked
+    c = load(name)
+    assert set(c.keys()) == set(cfg_lib.SCHEMA)
+    cfg_lib.validate(c, device_count=devices)
+    with pytest.raises(AttributeError):
+        c.not_a_key = 1  # locked
 
 
 def test_base_learning_rates():
-  c = load("base")
-  assert (c.vision_lr, c.merger_lr, c.llm_lr, c.detection_lr, c.adapter_lr) == (5e-7, 1e-5, 5e-6, 1e-5, 5e-3)
-  assert c.teacher_ratio == 0.7
+    c = load("base")
+    assert (c.vision_lr, c.merger_lr, c.llm_lr, c.detection_lr, c.adapter_lr) == (5e-7, 1e-5, 5e-6, 1e-5, 5e-3)
+    assert c.teacher_ratio == 0.7
 
 
 def _bad(mutate):
-  c = load("demo").to_dict()
-  mutate(c)
-  import ml_collections
-  return ml_collections.ConfigDict(c)
+    c = load("demo").to_dict()
+    mutate(c)
+    import ml_collections
+    return ml_collections.ConfigDict(c)
 
 
 @pytest.mark.parametrize("mutate,message", [
@@ -58,29 +58,29 @@ def _bad(mutate):
     (lambda c: c.update(max_pixels=100), "max_pixels=100 < min_pixels"),
 ])
 def test_validator_rejects(mutate, message):
-  with pytest.raises(cfg_lib.ConfigError) as e:
-    cfg_lib.validate(_bad(mutate), device_count=1)
-  assert message in str(e.value)
+    with pytest.raises(cfg_lib.ConfigError) as e:
+        cfg_lib.validate(_bad(mutate), device_count=1)
+    assert message in str(e.value)
 
 
 def test_mesh_must_match_device_count():
-  c = load("base")
-  with pytest.raises(cfg_lib.ConfigError, match=r"= 8 but there are 4 devices"):
-    cfg_lib.validate(c, device_count=4)
+    c = load("base")
+    with pytest.raises(cfg_lib.ConfigError, match=r"= 8 but there are 4 devices"):
+        cfg_lib.validate(c, device_count=4)
 
 
 def test_budgets_too_small_for_the_data():
-  c = load("demo")
-  cfg_lib.validate_budgets(c, {"token_budget": (c.token_budget, "x.jsonl line 1")})
-  need = c.token_budget + 1
-  with pytest.raises(cfg_lib.ConfigError, match=rf"token_budget={c.token_budget} is smaller than the "
-                     rf"longest sample's {need} \(train.jsonl line 7\)"):
-    cfg_lib.validate_budgets(c, {"token_budget": (need, "train.jsonl line 7"), "max_objects": (1, "")})
+    c = load("demo")
+    cfg_lib.validate_budgets(c, {"token_budget": (c.token_budget, "x.jsonl line 1")})
+    need = c.token_budget + 1
+    with pytest.raises(cfg_lib.ConfigError, match=rf"token_budget={c.token_budget} is smaller than the "
+                       rf"longest sample's {need} \(train.jsonl line 7\)"):
+        cfg_lib.validate_budgets(c, {"token_budget": (need, "train.jsonl line 7"), "max_objects": (1, "")})
 
 
 def test_cli_style_override_keeps_types():
-  c = load("demo")
-  c.llm_lr = 0  # what `--config.llm_lr=0` does: converted to float by the locked ConfigDict
-  cfg_lib.validate(c, device_count=1)
-  with pytest.raises(TypeError):
-    c.batch_rows = "many"
+    c = load("demo")
+    c.llm_lr = 0  # what `--config.llm_lr=0` does: converted to float by the locked ConfigDict
+    cfg_lib.validate(c, device_count=1)
+    with pytest.raises(TypeError):
+        c.batch_rows = "many"

@@ -16,110 +16,110 @@ HP = dict(warmup_steps=4, total_steps=20, min_lr_ratio=0.1, weight_decay=0.0, b1
 
 @pytest.fixture(scope="module")
 def task():
-  return toy.make_task(seed=0)
+    return toy.make_task(seed=0)
 
 
 def _stepper(loss_fn, tx):
-  """One jitted optimizer step on toy batch `seed`: (params, state, seed) -> (params, state, grads)."""
-  @jax.jit
-  def run(params, state, batch):
-    counts = {k: jnp.maximum(v, 1).astype(jnp.float32) for k, v in toy.count_fn(batch).items()}
-    grads = jax.grad(lambda p: loss_fn(p, batch, counts, None)[0])(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, grads
+    """One jitted optimizer step on toy batch `seed`: (params, state, seed) -> (params, state, grads)."""
+    @jax.jit
+    def run(params, state, batch):
+        counts = {k: jnp.maximum(v, 1).astype(jnp.float32) for k, v in toy.count_fn(batch).items()}
+        grads = jax.grad(lambda p: loss_fn(p, batch, counts, None)[0])(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, grads
 
-  return lambda params, state, seed: run(params, state, toy.make_batch(seed))
+    return lambda params, state, seed: run(params, state, toy.make_batch(seed))
 
 
 def test_every_param_in_exactly_one_group(task):
-  _, params, _, _ = task
-  labels = opt.group_labels(params)
-  flat = dict((opt.path_str(k), v) for k, v in jax.tree_util.tree_leaves_with_path(labels))
-  assert len(flat) == len(jax.tree_util.tree_leaves(params))
-  assert set(flat.values()) == set(opt.GROUPS)
-  assert flat["model/visual/merger/mlp/kernel"] == "merger"
-  assert flat["model/visual/patch_embed/kernel"] == "vision"
-  assert flat["model/embed_tokens/embedding"] == "llm"
-  assert flat["head/vision_adapter/kernel"] == "adapter"
-  assert flat["head/box/kernel"] == "detection"
-  with pytest.raises(ValueError, match="matches no rule"):
-    opt.group_labels({"stray": {"kernel": jnp.zeros(2)}})
+    _, params, _, _ = task
+    labels = opt.group_labels(params)
+    flat = dict((opt.path_str(k), v) for k, v in jax.tree_util.tree_leaves_with_path(labels))
+    assert len(flat) == len(jax.tree_util.tree_leaves(params))
+    assert set(flat.values()) == set(opt.GROUPS)
+    assert flat["model/visual/merger/mlp/kernel"] == "merger"
+    assert flat["model/visual/patch_embed/kernel"] == "vision"
+    assert flat["model/embed_tokens/embedding"] == "llm"
+    assert flat["head/vision_adapter/kernel"] == "adapter"
+    assert flat["head/box/kernel"] == "detection"
+    with pytest.raises(ValueError, match="matches no rule"):
+        opt.group_labels({"stray": {"kernel": jnp.zeros(2)}})
 
 
 def test_no_weight_decay_on_norms_and_biases(task):
-  _, params, _, _ = task
-  mask = {opt.path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(opt.decay_mask(params))}
-  assert not mask["model/norm/scale"] and not mask["model/visual/merger/ln_q/scale"]
-  assert not mask["model/layer/bias"] and not mask["head/box/bias"]
-  assert mask["model/layer/kernel"] and mask["model/embed_tokens/embedding"]
+    _, params, _, _ = task
+    mask = {opt.path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(opt.decay_mask(params))}
+    assert not mask["model/norm/scale"] and not mask["model/visual/merger/ln_q/scale"]
+    assert not mask["model/layer/bias"] and not mask["head/box/bias"]
+    assert mask["model/layer/kernel"] and mask["model/embed_tokens/embedding"]
 
 
 def test_frozen_group_does_not_move_and_holds_no_state(task):
-  _, params, _, loss_fn = task
-  tx, _ = opt.make_optimizer(params, lrs=LRS, head_freeze_steps=0, **HP)
-  state = tx.init(params)
-  # No optimizer array mirrors a vision parameter.
-  vision_shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(params["model"]["visual"]["patch_embed"])}
-  vision_state = state[-1].inner_states["vision"]
-  assert jax.tree_util.tree_leaves(vision_state) == []
-  n_state = sum(x.size for x in jax.tree_util.tree_leaves(state))
-  n_trained = sum(x.size for k, x in jax.tree_util.tree_leaves_with_path(params)
-                  if opt.group_of(opt.path_str(k)) != "vision")
-  # Adam mu and nu of the trained params + Adam and schedule step counts of the 4 live groups
-  assert n_state == 2 * n_trained + 2 * 4
-  assert vision_shapes  # sanity: the group exists
-  new, state, grads = _stepper(loss_fn, tx)(params, state, 1)
-  for a, b, g in zip(jax.tree_util.tree_leaves(params["model"]["visual"]["patch_embed"]),
-                     jax.tree_util.tree_leaves(new["model"]["visual"]["patch_embed"]),
-                     jax.tree_util.tree_leaves(grads["model"]["visual"]["patch_embed"])):
-    assert float(jnp.abs(g).max()) > 0  # it had gradients, and still did not move
-    np.testing.assert_array_equal(a, b)
+    _, params, _, loss_fn = task
+    tx, _ = opt.make_optimizer(params, lrs=LRS, head_freeze_steps=0, **HP)
+    state = tx.init(params)
+    # No optimizer array mirrors a vision parameter.
+    vision_shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(params["model"]["visual"]["patch_embed"])}
+    vision_state = state[-1].inner_states["vision"]
+    assert jax.tree_util.tree_leaves(vision_state) == []
+    n_state = sum(x.size for x in jax.tree_util.tree_leaves(state))
+    n_trained = sum(x.size for k, x in jax.tree_util.tree_leaves_with_path(params)
+                    if opt.group_of(opt.path_str(k)) != "vision")
+    # Adam mu and nu of the trained params + Adam and schedule step counts of the 4 live groups
+    assert n_state == 2 * n_trained + 2 * 4
+    assert vision_shapes  # sanity: the group exists
+    new, state, grads = _stepper(loss_fn, tx)(params, state, 1)
+    for a, b, g in zip(jax.tree_util.tree_leaves(params["model"]["visual"]["patch_embed"]),
+                       jax.tree_util.tree_leaves(new["model"]["visual"]["patch_embed"]),
+                       jax.tree_util.tree_leaves(grads["model"]["visual"]["patch_embed"])):
+        assert float(jnp.abs(g).max()) > 0  # it had gradients, and still did not move
+        np.testing.assert_array_equal(a, b)
 
 
 def test_group_lrs_follow_schedule_and_scaling(task):
-  """Adam's first update is lr * sign(grad) elementwise: read each group's lr off the params."""
-  _, params, _, loss_fn = task
-  scale = opt.lr_scale("sqrt", opt.effective_batch_size(8, 2, "packed", 2), 8)
-  assert scale == pytest.approx(2.0)
-  assert opt.lr_scale("linear", 32, 8) == 4.0 and opt.lr_scale("none", 32, 8) == 1.0
-  assert opt.effective_batch_size(8, 2, "standard", 1) == 16
-  lrs = {g: v * scale for g, v in LRS.items()}
-  tx, schedules = opt.make_optimizer(params, lrs=lrs, head_freeze_steps=2, **HP)
-  state = tx.init(params)
-  labels = jax.tree_util.tree_leaves(opt.group_labels(params))
-  step_fn = _stepper(loss_fn, tx)
-  for step in range(4):
-    new, state, grads = step_fn(params, state, step)
-    flat = [np.asarray(x) for x in jax.tree_util.tree_leaves((new, params, grads))]
-    n = len(labels)
-    new_l, par_l, grad_l = flat[:n], flat[n:2 * n], flat[2 * n:]
-    for group in opt.GROUPS:
-      expected = schedules[group](step)
-      frozen_head = group in opt.HEAD_GROUPS and step < 2
-      want = 0.0 if (group == "vision" or frozen_head) else lrs[group] * min(
-          (step + 1 - (2 if group in opt.HEAD_GROUPS else 0)) / 4, 1.0)
-      assert expected == pytest.approx(want, rel=1e-6), (group, step)
-      got = max(float(np.abs(a - b)[np.abs(g) > 1e-6].max(initial=0.0))
-                for a, b, g, lab in zip(new_l, par_l, grad_l, labels) if lab == group)
-      if step == 0 or (group in opt.HEAD_GROUPS and step == 2):  # a group's first real update
-        assert got == pytest.approx(want, rel=1e-3), (group, step)
-      elif want == 0.0:
-        assert got == 0.0, (group, step)
-    params = new
+    """Adam's first update is lr * sign(grad) elementwise: read each group's lr off the params."""
+    _, params, _, loss_fn = task
+    scale = opt.lr_scale("sqrt", opt.effective_batch_size(8, 2, "packed", 2), 8)
+    assert scale == pytest.approx(2.0)
+    assert opt.lr_scale("linear", 32, 8) == 4.0 and opt.lr_scale("none", 32, 8) == 1.0
+    assert opt.effective_batch_size(8, 2, "standard", 1) == 16
+    lrs = {g: v * scale for g, v in LRS.items()}
+    tx, schedules = opt.make_optimizer(params, lrs=lrs, head_freeze_steps=2, **HP)
+    state = tx.init(params)
+    labels = jax.tree_util.tree_leaves(opt.group_labels(params))
+    step_fn = _stepper(loss_fn, tx)
+    for step in range(4):
+        new, state, grads = step_fn(params, state, step)
+        flat = [np.asarray(x) for x in jax.tree_util.tree_leaves((new, params, grads))]
+        n = len(labels)
+        new_l, par_l, grad_l = flat[:n], flat[n:2 * n], flat[2 * n:]
+        for group in opt.GROUPS:
+            expected = schedules[group](step)
+            frozen_head = group in opt.HEAD_GROUPS and step < 2
+            want = 0.0 if (group == "vision" or frozen_head) else lrs[group] * min(
+                (step + 1 - (2 if group in opt.HEAD_GROUPS else 0)) / 4, 1.0)
+            assert expected == pytest.approx(want, rel=1e-6), (group, step)
+            got = max(float(np.abs(a - b)[np.abs(g) > 1e-6].max(initial=0.0))
+                      for a, b, g, lab in zip(new_l, par_l, grad_l, labels) if lab == group)
+            if step == 0 or (group in opt.HEAD_GROUPS and step == 2):  # a group's first real update
+                assert got == pytest.approx(want, rel=1e-3), (group, step)
+            elif want == 0.0:
+                assert got == 0.0, (group, step)
+        params = new
 
 
 def test_warmup_cosine_shape():
-  s = opt.warmup_cosine(1.0, 4, 20, 0.1)
-  np.testing.assert_allclose([float(s(i)) for i in (0, 3, 4, 12, 20, 30)],
-                             [0.25, 1.0, 1.0, 0.55, 0.1, 0.1], rtol=1e-5)
+    s = opt.warmup_cosine(1.0, 4, 20, 0.1)
+    np.testing.assert_allclose([float(s(i)) for i in (0, 3, 4, 12, 20, 30)],
+                               [0.25, 1.0, 1.0, 0.55, 0.1, 0.1], rtol=1e-5)
 
 
 def test_state_shardings_follow_params(task):
-  _, params, _, _ = task
-  mesh = toy.make_mesh(2, 2, 2)
-  tx, _ = opt.make_optimizer(params, lrs=LRS, head_freeze_steps=0, **HP)
-  shard = toy.param_shardings(params, mesh)
-  sh = train_state.state_shardings(train_state.abstract_state(params, tx, 0), shard, mesh)
-  mu = sh["opt_state"][-1].inner_states["llm"].inner_state[0].mu
-  assert mu["model"]["layer"]["kernel"].spec == shard["model"]["layer"]["kernel"].spec
-  assert sh["step"].spec == jax.sharding.PartitionSpec()
+    _, params, _, _ = task
+    mesh = toy.make_mesh(2, 2, 2)
+    tx, _ = opt.make_optimizer(params, lrs=LRS, head_freeze_steps=0, **HP)
+    shard = toy.param_shardings(params, mesh)
+    sh = train_state.state_shardings(train_state.abstract_state(params, tx, 0), shard, mesh)
+    mu = sh["opt_state"][-1].inner_states["llm"].inner_state[0].mu
+    assert mu["model"]["layer"]["kernel"].spec == shard["model"]["layer"]["kernel"].spec
+    assert sh["step"].spec == jax.sharding.PartitionSpec()

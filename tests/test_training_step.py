@@ -16,141 +16,141 @@ LRS = dict(vision=1e-3, merger=2e-3, llm=1e-3, detection=4e-3, adapter=8e-3)
 
 
 def _setup(mesh_shape, head_freeze_steps=0):
-  _, params, _, loss_fn = toy.make_task(seed=0)
-  tx, _ = opt.make_optimizer(params, lrs=LRS, warmup_steps=1, total_steps=10, min_lr_ratio=0.1,
-                             weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0,
-                             head_freeze_steps=head_freeze_steps)
-  mesh = toy.make_mesh(*mesh_shape)
-  shardings = train_state.state_shardings(train_state.abstract_state(params, tx, 0),
-                                          toy.param_shardings(params, mesh), mesh)
-  fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=toy.count_fn, tx=tx,
-                               labels=opt.group_labels(params), state_shardings=shardings, mesh=mesh)
-  # A fresh state per call (the step donates its input state); compiled once per mesh.
-  return lambda: train_state.create_state(params, tx, 0, shardings), fn, mesh
+    _, params, _, loss_fn = toy.make_task(seed=0)
+    tx, _ = opt.make_optimizer(params, lrs=LRS, warmup_steps=1, total_steps=10, min_lr_ratio=0.1,
+                               weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0,
+                               head_freeze_steps=head_freeze_steps)
+    mesh = toy.make_mesh(*mesh_shape)
+    shardings = train_state.state_shardings(train_state.abstract_state(params, tx, 0),
+                                            toy.param_shardings(params, mesh), mesh)
+    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=toy.count_fn, tx=tx,
+                                 labels=opt.group_labels(params), state_shardings=shardings, mesh=mesh)
+    # A fresh state per call (the step donates its input state); compiled once per mesh.
+    return lambda: train_state.create_state(params, tx, 0, shardings), fn, mesh
 
 
 @pytest.fixture(scope="module")
 def single():
-  return _setup((1, 1, 1))
+    return _setup((1, 1, 1))
 
 
 def _run(state, fn, batches):
-  losses = []
-  for b in batches:
-    state, out = fn(state, b)
-    losses.append(float(out["metrics"]["loss"][0]))
-  return state, losses
+    losses = []
+    for b in batches:
+        state, out = fn(state, b)
+        losses.append(float(out["metrics"]["loss"][0]))
+    return state, losses
 
 
 def _host(tree):
-  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
 def test_sharded_step_matches_one_device(single):
-  batches = [toy.make_batch(s, accum=2) for s in range(3)]
-  make1, fn1, _ = single
-  s1, l1 = _run(make1(), fn1, batches)
-  make8, fn8, _ = _setup((2, 2, 2))
-  state8 = make8()
-  assert len(state8["params"]["model"]["layer"]["kernel"].sharding.device_set) == 8
-  s8, l8 = _run(state8, fn8, batches)
-  print("losses 1 device", l1, "8 devices", l8)
-  np.testing.assert_allclose(l8, l1, rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(_host(s1["params"])), jax.tree_util.tree_leaves(_host(s8["params"]))):
-    rel = np.abs(a - b).max() / (np.abs(a).max() + 1e-12)
-    assert rel < 1e-5, rel
+    batches = [toy.make_batch(s, accum=2) for s in range(3)]
+    make1, fn1, _ = single
+    s1, l1 = _run(make1(), fn1, batches)
+    make8, fn8, _ = _setup((2, 2, 2))
+    state8 = make8()
+    assert len(state8["params"]["model"]["layer"]["kernel"].sharding.device_set) == 8
+    s8, l8 = _run(state8, fn8, batches)
+    print("losses 1 device", l1, "8 devices", l8)
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(_host(s1["params"])), jax.tree_util.tree_leaves(_host(s8["params"]))):
+        rel = np.abs(a - b).max() / (np.abs(a).max() + 1e-12)
+        assert rel < 1e-5, rel
 
 
 def test_accumulation_equals_one_big_batch(single):
-  """2 micro-batches of 4 rows == 1 batch of 8 rows: token-weighted, not mean of means."""
-  big = toy.make_batch(7, rows=8, accum=1)
-  split = {k: v.reshape(2, 4, *v.shape[2:]) for k, v in big.items()}
-  # Uneven supervision between the halves makes a mean of per-micro-batch means differ.
-  split["target_kind"][0, :, 3:] = 0
-  big["target_kind"] = split["target_kind"].reshape(1, 8, -1)
-  make, fn, _ = single
-  sa, la = _run(make(), fn, [big])
-  sb, lb = _run(make(), fn, [split])
-  np.testing.assert_allclose(lb, la, rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(_host(sa["params"])), jax.tree_util.tree_leaves(_host(sb["params"]))):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+    """2 micro-batches of 4 rows == 1 batch of 8 rows: token-weighted, not mean of means."""
+    big = toy.make_batch(7, rows=8, accum=1)
+    split = {k: v.reshape(2, 4, *v.shape[2:]) for k, v in big.items()}
+    # Uneven supervision between the halves makes a mean of per-micro-batch means differ.
+    split["target_kind"][0, :, 3:] = 0
+    big["target_kind"] = split["target_kind"].reshape(1, 8, -1)
+    make, fn, _ = single
+    sa, la = _run(make(), fn, [big])
+    sb, lb = _run(make(), fn, [split])
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(_host(sa["params"])), jax.tree_util.tree_leaves(_host(sb["params"]))):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
 
 
 def test_nonfinite_loss_skips_update(single):
-  make, fn, _ = single
-  state, _ = fn(make(), toy.make_batch(0, accum=1))
-  before = _host(state)
-  bad = toy.make_batch(1, accum=1)
-  bad["feats"][0, 0, 0] = np.nan
-  state, out = fn(state, bad)
-  assert not bool(out["ok"]) and int(out["nonfinite_streak"]) == 1
-  after = _host(state)
-  for a, b in zip(jax.tree_util.tree_leaves(before["params"]), jax.tree_util.tree_leaves(after["params"])):
-    np.testing.assert_array_equal(a, b)
-  for a, b in zip(jax.tree_util.tree_leaves(before["opt_state"]), jax.tree_util.tree_leaves(after["opt_state"])):
-    np.testing.assert_array_equal(a, b)
-  assert int(after["skipped"]) == 1 and int(after["step"]) == 2
-  metrics = jax.device_get(out["metrics"])
-  assert all(np.isfinite(s) for s, _ in metrics.values())  # nothing poisons the log averages
-  assert metrics["skipped_steps"][0] == 1.0
-  state, out = fn(state, bad)
-  assert int(out["nonfinite_streak"]) == 2
-  state, out = fn(state, toy.make_batch(2, accum=1))
-  assert bool(out["ok"]) and int(out["nonfinite_streak"]) == 0
+    make, fn, _ = single
+    state, _ = fn(make(), toy.make_batch(0, accum=1))
+    before = _host(state)
+    bad = toy.make_batch(1, accum=1)
+    bad["feats"][0, 0, 0] = np.nan
+    state, out = fn(state, bad)
+    assert not bool(out["ok"]) and int(out["nonfinite_streak"]) == 1
+    after = _host(state)
+    for a, b in zip(jax.tree_util.tree_leaves(before["params"]), jax.tree_util.tree_leaves(after["params"])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree_util.tree_leaves(before["opt_state"]), jax.tree_util.tree_leaves(after["opt_state"])):
+        np.testing.assert_array_equal(a, b)
+    assert int(after["skipped"]) == 1 and int(after["step"]) == 2
+    metrics = jax.device_get(out["metrics"])
+    assert all(np.isfinite(s) for s, _ in metrics.values())  # nothing poisons the log averages
+    assert metrics["skipped_steps"][0] == 1.0
+    state, out = fn(state, bad)
+    assert int(out["nonfinite_streak"]) == 2
+    state, out = fn(state, toy.make_batch(2, accum=1))
+    assert bool(out["ok"]) and int(out["nonfinite_streak"]) == 0
 
 
 def test_loop_stops_after_k_nonfinite_steps_keeping_last_good_checkpoint(single, tmp_path):
-  make, fn, mesh = single
+    make, fn, mesh = single
 
-  def batch(i):  # steps 3 and 4 see NaN inputs
-    b = toy.make_batch(int(i), rows=8)
-    if i >= 2:
-      b["feats"][:] = np.nan
-    return b
+    def batch(i):  # steps 3 and 4 see NaN inputs
+        b = toy.make_batch(int(i), rows=8)
+        if i >= 2:
+            b["feats"][:] = np.nan
+        return b
 
-  data = iter(grain.MapDataset.range(100).map(batch).to_iter_dataset())
-  ckpt = checkpointing.Checkpointer(tmp_path / "ckpt", max_to_keep=5, async_save=True)
-  logger = metrics_logging.RunLogger(tmp_path, is_main=True, total_steps=10)
-  result = loop.train_loop(
-      state=make(), train_step=fn, batches=data, accum=1,
-      batch_sharding=step_lib.accumulated_batch_sharding(mesh), data_iterator=data, checkpointer=ckpt,
-      logger=logger, start_step=0, total_steps=10, log_every=1, checkpoint_every=1, eval_every=0,
-      eval_fn=None, max_consecutive_nonfinite=2, lr_fns={}, step_flops=None, peak_flops=1.0,
-      token_count=lambda h: 1, meta={})
-  logger.close()
-  assert result.stop_reason == "nonfinite" and result.step == 4
-  assert ckpt.all_steps() == [1, 2] and result.last_checkpoint == 2
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                    result.state)
-  saved, _ = ckpt.restore(2, abstract)
-  for a, b in zip(jax.tree_util.tree_leaves(_host(saved["params"])), jax.tree_util.tree_leaves(_host(result.state["params"]))):
-    np.testing.assert_array_equal(a, b)  # the skipped steps changed nothing
-  ckpt.close()
-  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [x["step"] for x in lines] == [1, 2, 3]  # step 4 stopped the run before logging
-  assert lines[2]["train/skipped_steps"] == 1.0 and "train/lm_loss" not in lines[2]
+    data = iter(grain.MapDataset.range(100).map(batch).to_iter_dataset())
+    ckpt = checkpointing.Checkpointer(tmp_path / "ckpt", max_to_keep=5, async_save=True)
+    logger = metrics_logging.RunLogger(tmp_path, is_main=True, total_steps=10)
+    result = loop.train_loop(
+        state=make(), train_step=fn, batches=data, accum=1,
+        batch_sharding=step_lib.accumulated_batch_sharding(mesh), data_iterator=data, checkpointer=ckpt,
+        logger=logger, start_step=0, total_steps=10, log_every=1, checkpoint_every=1, eval_every=0,
+        eval_fn=None, max_consecutive_nonfinite=2, lr_fns={}, step_flops=None, peak_flops=1.0,
+        token_count=lambda h: 1, meta={})
+    logger.close()
+    assert result.stop_reason == "nonfinite" and result.step == 4
+    assert ckpt.all_steps() == [1, 2] and result.last_checkpoint == 2
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                      result.state)
+    saved, _ = ckpt.restore(2, abstract)
+    for a, b in zip(jax.tree_util.tree_leaves(_host(saved["params"])), jax.tree_util.tree_leaves(_host(result.state["params"]))):
+        np.testing.assert_array_equal(a, b)  # the skipped steps changed nothing
+    ckpt.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]  # step 4 stopped the run before logging
+    assert lines[2]["train/skipped_steps"] == 1.0 and "train/lm_loss" not in lines[2]
 
 
 def test_loop_logs_eval_scalars_and_image_grids(single, tmp_path):
-  make, fn, mesh = single
-  data = iter(grain.MapDataset.range(100).map(lambda i: toy.make_batch(int(i), rows=8)).to_iter_dataset())
-  ckpt = checkpointing.Checkpointer(tmp_path / "ckpt", max_to_keep=1, async_save=False)
-  logger = metrics_logging.RunLogger(tmp_path, is_main=True, total_steps=2)
-  seen = []
+    make, fn, mesh = single
+    data = iter(grain.MapDataset.range(100).map(lambda i: toy.make_batch(int(i), rows=8)).to_iter_dataset())
+    ckpt = checkpointing.Checkpointer(tmp_path / "ckpt", max_to_keep=1, async_save=False)
+    logger = metrics_logging.RunLogger(tmp_path, is_main=True, total_steps=2)
+    seen = []
 
-  def eval_fn(state, step):
-    seen.append(step)
-    return {"mAP50": 0.5, "boxes": np.zeros((2, 4, 4, 3), np.uint8)}
+    def eval_fn(state, step):
+        seen.append(step)
+        return {"mAP50": 0.5, "boxes": np.zeros((2, 4, 4, 3), np.uint8)}
 
-  result = loop.train_loop(
-      state=make(), train_step=fn, batches=data, accum=1,
-      batch_sharding=step_lib.accumulated_batch_sharding(mesh), data_iterator=data, checkpointer=ckpt,
-      logger=logger, start_step=0, total_steps=2, log_every=1, checkpoint_every=5, eval_every=1,
-      eval_fn=eval_fn, max_consecutive_nonfinite=2, lr_fns={}, step_flops=None, peak_flops=1.0,
-      token_count=lambda h: 1, meta={})
-  logger.close()
-  ckpt.close()
-  assert seen == [1, 2] and result.last_eval_metrics == {"val/mAP50": 0.5}
-  assert result.last_checkpoint == 2  # the last step is always saved
-  lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [x for x in lines if "val/mAP50" in x] == [{"step": 1, "val/mAP50": 0.5}, {"step": 2, "val/mAP50": 0.5}]
+    result = loop.train_loop(
+        state=make(), train_step=fn, batches=data, accum=1,
+        batch_sharding=step_lib.accumulated_batch_sharding(mesh), data_iterator=data, checkpointer=ckpt,
+        logger=logger, start_step=0, total_steps=2, log_every=1, checkpoint_every=5, eval_every=1,
+        eval_fn=eval_fn, max_consecutive_nonfinite=2, lr_fns={}, step_flops=None, peak_flops=1.0,
+        token_count=lambda h: 1, meta={})
+    logger.close()
+    ckpt.close()
+    assert seen == [1, 2] and result.last_eval_metrics == {"val/mAP50": 0.5}
+    assert result.last_checkpoint == 2  # the last step is always saved
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x for x in lines if "val/mAP50" in x] == [{"step": 1, "val/mAP50": 0.5}, {"step": 2, "val/mAP50": 0.5}]

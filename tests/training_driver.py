@@ -11,75 +11,75 @@ import sys
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--steps", type=int, required=True)
-  p.add_argument("--kill_after", type=int, default=0)
-  p.add_argument("--checkpoint_every", type=int, default=3)
-  p.add_argument("--num_processes", type=int, default=1)
-  p.add_argument("--process_id", type=int, default=0)
-  p.add_argument("--coordinator", default="")
-  p.add_argument("--local_devices", type=int, default=8)
-  a = p.parse_args()
-  # Fast CPU compiles: these runs are about bookkeeping, not speed.
-  os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={a.local_devices} "
-                             "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    p = argparse.ArgumentParser()
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--kill_after", type=int, default=0)
+    p.add_argument("--checkpoint_every", type=int, default=3)
+    p.add_argument("--num_processes", type=int, default=1)
+    p.add_argument("--process_id", type=int, default=0)
+    p.add_argument("--coordinator", default="")
+    p.add_argument("--local_devices", type=int, default=8)
+    a = p.parse_args()
+    # Fast CPU compiles: these runs are about bookkeeping, not speed.
+    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={a.local_devices} "
+                               "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-  import grain
-  import jax
+    import grain
+    import jax
 
-  if a.num_processes > 1:
-    jax.distributed.initialize(coordinator_address=a.coordinator, num_processes=a.num_processes,
-                               process_id=a.process_id)
-  import training_toy as toy
-  from bbu_jax.training import checkpointing, loop, metrics_logging, train_state
-  from bbu_jax.training import optimizer as opt
-  from bbu_jax.training import sharding, step as step_lib
+    if a.num_processes > 1:
+        jax.distributed.initialize(coordinator_address=a.coordinator, num_processes=a.num_processes,
+                                   process_id=a.process_id)
+    import training_toy as toy
+    from bbu_jax.training import checkpointing, loop, metrics_logging, train_state
+    from bbu_jax.training import optimizer as opt
+    from bbu_jax.training import sharding, step as step_lib
 
-  _, params, _, loss_fn = toy.make_task(seed=0)
-  tx, schedules = opt.make_optimizer(
-      params, lrs=dict(vision=1e-3, merger=2e-3, llm=1e-3, detection=4e-3, adapter=8e-3),
-      warmup_steps=2, total_steps=a.steps, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.999,
-      eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=1)
-  mesh = sharding.make_mesh(2, 2, 2)
-  abstract = train_state.abstract_state(params, tx, 0)
-  shardings = train_state.state_shardings(abstract, toy.param_shardings(params, mesh), mesh)
+    _, params, _, loss_fn = toy.make_task(seed=0)
+    tx, schedules = opt.make_optimizer(
+        params, lrs=dict(vision=1e-3, merger=2e-3, llm=1e-3, detection=4e-3, adapter=8e-3),
+        warmup_steps=2, total_steps=a.steps, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.999,
+        eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=1)
+    mesh = sharding.make_mesh(2, 2, 2)
+    abstract = train_state.abstract_state(params, tx, 0)
+    shardings = train_state.state_shardings(abstract, toy.param_shardings(params, mesh), mesh)
 
-  n, pid = jax.process_count(), jax.process_index()
-  rows = 8 // n
+    n, pid = jax.process_count(), jax.process_index()
+    rows = 8 // n
 
-  def local_batch(i):  # this process's rows of global batch i (micro-batch axis added by the loop)
-    return {k: v[pid * rows:(pid + 1) * rows] for k, v in toy.make_batch(int(i), rows=8).items()}
+    def local_batch(i):  # this process's rows of global batch i (micro-batch axis added by the loop)
+        return {k: v[pid * rows:(pid + 1) * rows] for k, v in toy.make_batch(int(i), rows=8).items()}
 
-  data = iter(grain.MapDataset.range(10_000).map(local_batch).to_iter_dataset())
-  ckpt = checkpointing.Checkpointer(os.path.join(a.workdir, "checkpoints"), max_to_keep=2, async_save=True)
-  restored = ckpt.restore_latest(train_state.with_shardings(abstract, shardings), data_iterator=data)
-  if restored is None:
-    start, state = 0, train_state.create_state(params, tx, 0, shardings)
-  else:
-    start, state, _ = restored
-  fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=toy.count_fn, tx=tx,
-                               labels=opt.group_labels(params), state_shardings=shardings, mesh=mesh)
+    data = iter(grain.MapDataset.range(10_000).map(local_batch).to_iter_dataset())
+    ckpt = checkpointing.Checkpointer(os.path.join(a.workdir, "checkpoints"), max_to_keep=2, async_save=True)
+    restored = ckpt.restore_latest(train_state.with_shardings(abstract, shardings), data_iterator=data)
+    if restored is None:
+        start, state = 0, train_state.create_state(params, tx, 0, shardings)
+    else:
+        start, state, _ = restored
+    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=toy.count_fn, tx=tx,
+                                 labels=opt.group_labels(params), state_shardings=shardings, mesh=mesh)
 
-  def on_step(step, state):
-    if step == a.kill_after:
-      ckpt.wait()
-      os.kill(os.getpid(), signal.SIGKILL)
+    def on_step(step, state):
+        if step == a.kill_after:
+            ckpt.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
 
-  logger = metrics_logging.RunLogger(a.workdir, is_main=pid == 0, total_steps=a.steps, initial_step=start)
-  result = loop.train_loop(
-      state=state, train_step=fn, batches=data, accum=1,
-      batch_sharding=step_lib.accumulated_batch_sharding(mesh), data_iterator=data, checkpointer=ckpt,
-      logger=logger, start_step=start, total_steps=a.steps, log_every=1,
-      checkpoint_every=a.checkpoint_every, eval_every=0, eval_fn=None, max_consecutive_nonfinite=3,
-      lr_fns=schedules, step_flops=None, peak_flops=1.0,
-      token_count=lambda h: int(h["target_kind"].size), meta={}, on_step=on_step)
-  logger.close()
-  ckpt.close()
-  print(f"done step={result.step} start={start}")
+    logger = metrics_logging.RunLogger(a.workdir, is_main=pid == 0, total_steps=a.steps, initial_step=start)
+    result = loop.train_loop(
+        state=state, train_step=fn, batches=data, accum=1,
+        batch_sharding=step_lib.accumulated_batch_sharding(mesh), data_iterator=data, checkpointer=ckpt,
+        logger=logger, start_step=start, total_steps=a.steps, log_every=1,
+        checkpoint_every=a.checkpoint_every, eval_every=0, eval_fn=None, max_consecutive_nonfinite=3,
+        lr_fns=schedules, step_flops=None, peak_flops=1.0,
+        token_count=lambda h: int(h["target_kind"].size), meta={}, on_step=on_step)
+    logger.close()
+    ckpt.close()
+    print(f"done step={result.step} start={start}")
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -15,101 +15,101 @@ VOCAB, DIM, FEAT = 32, 16, 8
 
 
 class _Merger(nnx.Module):
-  def __init__(self, rngs):
-    self.ln_q = nnx.RMSNorm(DIM, rngs=rngs)
-    self.mlp = nnx.Linear(DIM, DIM, rngs=rngs)
+    def __init__(self, rngs):
+        self.ln_q = nnx.RMSNorm(DIM, rngs=rngs)
+        self.mlp = nnx.Linear(DIM, DIM, rngs=rngs)
 
 
 class _Visual(nnx.Module):
-  def __init__(self, rngs):
-    self.patch_embed = nnx.Linear(FEAT, DIM, rngs=rngs)
-    self.merger = _Merger(rngs)
+    def __init__(self, rngs):
+        self.patch_embed = nnx.Linear(FEAT, DIM, rngs=rngs)
+        self.merger = _Merger(rngs)
 
-  def __call__(self, feats):
-    return self.merger.mlp(self.merger.ln_q(jax.nn.gelu(self.patch_embed(feats))))
+    def __call__(self, feats):
+        return self.merger.mlp(self.merger.ln_q(jax.nn.gelu(self.patch_embed(feats))))
 
 
 class ToyVLM(nnx.Module):
-  def __init__(self, rngs):
-    self.visual = _Visual(rngs)
-    self.embed_tokens = nnx.Embed(VOCAB, DIM, rngs=rngs)
-    self.layer = nnx.Linear(DIM, DIM, rngs=rngs)
-    self.norm = nnx.RMSNorm(DIM, rngs=rngs)
+    def __init__(self, rngs):
+        self.visual = _Visual(rngs)
+        self.embed_tokens = nnx.Embed(VOCAB, DIM, rngs=rngs)
+        self.layer = nnx.Linear(DIM, DIM, rngs=rngs)
+        self.norm = nnx.RMSNorm(DIM, rngs=rngs)
 
-  def __call__(self, input_ids, feats):
-    x = self.embed_tokens(input_ids) + self.visual(feats)[:, None, :]
-    return self.norm(x + jnp.tanh(self.layer(x)))
+    def __call__(self, input_ids, feats):
+        x = self.embed_tokens(input_ids) + self.visual(feats)[:, None, :]
+        return self.norm(x + jnp.tanh(self.layer(x)))
 
 
 class ToyHead(nnx.Module):
-  def __init__(self, rngs):
-    self.vision_adapter = nnx.Linear(DIM, DIM, rngs=rngs)
-    self.box = nnx.Linear(DIM, 4, rngs=rngs)
+    def __init__(self, rngs):
+        self.vision_adapter = nnx.Linear(DIM, DIM, rngs=rngs)
+        self.box = nnx.Linear(DIM, 4, rngs=rngs)
 
-  def __call__(self, hidden):
-    return jax.nn.sigmoid(self.box(jnp.tanh(self.vision_adapter(hidden.mean(1)))))
+    def __call__(self, hidden):
+        return jax.nn.sigmoid(self.box(jnp.tanh(self.vision_adapter(hidden.mean(1)))))
 
 
 def count_fn(batch):
-  return {"lm": jnp.sum(batch["target_kind"] > 0), "box": jnp.sum(batch["gt_valid"])}
+    return {"lm": jnp.sum(batch["target_kind"] > 0), "box": jnp.sum(batch["gt_valid"])}
 
 
 def make_task(seed: int = 0):
-  """(graphdefs, params, rest, loss_fn): loss_fn follows bbu_jax.training.step's protocol."""
-  rngs = nnx.Rngs(seed)
-  graphdefs, params, rest = train_state.split_modules({"model": ToyVLM(rngs), "head": ToyHead(rngs)})
+    """(graphdefs, params, rest, loss_fn): loss_fn follows bbu_jax.training.step's protocol."""
+    rngs = nnx.Rngs(seed)
+    graphdefs, params, rest = train_state.split_modules({"model": ToyVLM(rngs), "head": ToyHead(rngs)})
 
-  def loss_fn(params, batch, counts, rng):
-    del rng
-    mods = train_state.merge_modules(graphdefs, params, rest)
-    hidden = mods["model"](batch["input_ids"], batch["feats"])
-    logits = hidden @ mods["model"].embed_tokens.embedding[...].T
-    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
-    kind = batch["target_kind"]
-    l1 = jnp.abs(mods["head"](hidden) - batch["gt_boxes"]).sum(-1) * batch["gt_valid"]
-    lm_sum, box_sum = jnp.sum(ce * (kind > 0)), jnp.sum(l1)
-    total = lm_sum / counts["lm"] + 5.0 * box_sum / counts["box"]
-    metrics = {
-        "lm_loss": (lm_sum, jnp.sum(kind > 0)),
-        "teacher_lm_loss": (jnp.sum(ce * (kind == 1)), jnp.sum(kind == 1)),
-        "student_lm_loss": (jnp.sum(ce * (kind == 2)), jnp.sum(kind == 2)),
-        "bbox_l1_loss": (box_sum, jnp.sum(batch["gt_valid"])),
-    }
-    return total, metrics
+    def loss_fn(params, batch, counts, rng):
+        del rng
+        mods = train_state.merge_modules(graphdefs, params, rest)
+        hidden = mods["model"](batch["input_ids"], batch["feats"])
+        logits = hidden @ mods["model"].embed_tokens.embedding[...].T
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
+        kind = batch["target_kind"]
+        l1 = jnp.abs(mods["head"](hidden) - batch["gt_boxes"]).sum(-1) * batch["gt_valid"]
+        lm_sum, box_sum = jnp.sum(ce * (kind > 0)), jnp.sum(l1)
+        total = lm_sum / counts["lm"] + 5.0 * box_sum / counts["box"]
+        metrics = {
+            "lm_loss": (lm_sum, jnp.sum(kind > 0)),
+            "teacher_lm_loss": (jnp.sum(ce * (kind == 1)), jnp.sum(kind == 1)),
+            "student_lm_loss": (jnp.sum(ce * (kind == 2)), jnp.sum(kind == 2)),
+            "bbox_l1_loss": (box_sum, jnp.sum(batch["gt_valid"])),
+        }
+        return total, metrics
 
-  return graphdefs, params, rest, loss_fn
+    return graphdefs, params, rest, loss_fn
 
 
 def make_batch(seed: int, rows: int = 8, length: int = 6, accum: int | None = None) -> dict:
-  """One toy batch; with accum, A micro-batches stacked on a leading axis."""
-  r = np.random.default_rng(seed)
-  lead = (accum,) if accum else ()
-  ids = r.integers(0, VOCAB, lead + (rows, length), dtype=np.int32)
-  return {
-      "input_ids": ids,
-      "targets": np.roll(ids, -1, axis=-1),
-      "target_kind": r.integers(0, 3, lead + (rows, length)).astype(np.int8),
-      "feats": r.normal(size=lead + (rows, FEAT)).astype(np.float32),
-      "gt_boxes": r.uniform(size=lead + (rows, 4)).astype(np.float32),
-      "gt_valid": r.uniform(size=lead + (rows,)) < 0.7,
-  }
+    """One toy batch; with accum, A micro-batches stacked on a leading axis."""
+    r = np.random.default_rng(seed)
+    lead = (accum,) if accum else ()
+    ids = r.integers(0, VOCAB, lead + (rows, length), dtype=np.int32)
+    return {
+        "input_ids": ids,
+        "targets": np.roll(ids, -1, axis=-1),
+        "target_kind": r.integers(0, 3, lead + (rows, length)).astype(np.int8),
+        "feats": r.normal(size=lead + (rows, FEAT)).astype(np.float32),
+        "gt_boxes": r.uniform(size=lead + (rows, 4)).astype(np.float32),
+        "gt_valid": r.uniform(size=lead + (rows,)) < 0.7,
+    }
 
 
 def param_shardings(params, mesh):
-  """Matrices split over fsdp (rows) and tensor (columns) where divisible; rest replicated."""
-  fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+    """Matrices split over fsdp (rows) and tensor (columns) where divisible; rest replicated."""
+    fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
 
-  def spec(x):
-    if x.ndim != 2:
-      return NamedSharding(mesh, P())
-    return NamedSharding(mesh, P("fsdp" if x.shape[0] % fsdp == 0 else None,
-                                 "tensor" if x.shape[1] % tensor == 0 else None))
+    def spec(x):
+        if x.ndim != 2:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, P("fsdp" if x.shape[0] % fsdp == 0 else None,
+                                     "tensor" if x.shape[1] % tensor == 0 else None))
 
-  return jax.tree_util.tree_map(spec, params)
+    return jax.tree_util.tree_map(spec, params)
 
 
 def make_mesh(data: int, fsdp: int, tensor: int):
-  """Auto-sharded mesh like the product's (GSPMD propagates shardings inside the step)."""
-  return jax.make_mesh((data, fsdp, tensor), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=jax.devices()[:data * fsdp * tensor])
+    """Auto-sharded mesh like the product's (GSPMD propagates shardings inside the step)."""
+    return jax.make_mesh((data, fsdp, tensor), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:data * fsdp * tensor])

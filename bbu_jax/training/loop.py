@@ -21,26 +21,26 @@ log = logging.getLogger(__name__)
 
 
 def next_step_batch(batches: Iterator[dict], accum: int) -> dict[str, np.ndarray]:
-  """Stacks `accum` host batches on a new leading micro-batch axis."""
-  micro = [next(batches) for _ in range(accum)]
-  return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+    """Stacks `accum` host batches on a new leading micro-batch axis."""
+    micro = [next(batches) for _ in range(accum)]
+    return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
 
 def to_global(host_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
-  """This process's rows -> global arrays laid out by `sharding` (each process passes its own
-  contiguous slice of the rows; with one process that is the whole batch)."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in host_batch.items()}
+    """This process's rows -> global arrays laid out by `sharding` (each process passes its own
+    contiguous slice of the rows; with one process that is the whole batch)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in host_batch.items()}
 
 
 @dataclasses.dataclass
 class LoopResult:
-  state: Any
-  step: int
-  stop_reason: str  # "done" | "nonfinite"
-  last_checkpoint: int | None
-  last_train_metrics: dict[str, float]
-  last_eval_metrics: dict[str, float]
+    state: Any
+    step: int
+    stop_reason: str  # "done" | "nonfinite"
+    last_checkpoint: int | None
+    last_train_metrics: dict[str, float]
+    last_eval_metrics: dict[str, float]
 
 
 def train_loop(*, state, train_step: Callable, batches: Iterator[dict], accum: int,
@@ -52,69 +52,69 @@ def train_loop(*, state, train_step: Callable, batches: Iterator[dict], accum: i
                step_flops: Callable[[Mapping[str, np.ndarray]], float] | None,
                peak_flops: float, token_count: Callable[[Mapping[str, np.ndarray]], int],
                meta: dict, on_step: Callable[[int, Any], None] | None = None) -> LoopResult:
-  """Runs optimizer steps start_step+1 .. total_steps.
+    """Runs optimizer steps start_step+1 .. total_steps.
 
-  A step whose loss or gradient is non-finite leaves params and optimizer state unchanged (the
-  step does it) and is not checkpointed; `max_consecutive_nonfinite` of them in a row stop the
-  run, so the newest checkpoint is the last good one. Checkpoints hold the data iterator's position.
-  eval_fn returns scalars, and optionally (N, H, W, 3) uint8 image grids (e.g. predicted vs true
-  boxes), which go to TensorBoard as images.
-  """
-  step = start_step
-  last_ckpt = checkpointer.latest_step()
-  interval_tokens, interval_flops, interval_time = 0, 0.0, 0.0
-  train_vals: dict[str, float] = {}
-  eval_vals: dict[str, float] = {}
-  stop = "done"
-  save_due = False
-  t_last = time.perf_counter()
-  while step < total_steps:
-    host = next_step_batch(batches, accum)
-    interval_tokens += token_count(host)
-    if step_flops is not None:
-      interval_flops += step_flops(host)
-    state, out = train_step(state, to_global(host, batch_sharding))
-    step += 1
-    out = jax.device_get(out)
-    logger.train.add(out["metrics"])
-    now = time.perf_counter()
-    interval_time += now - t_last
-    t_last = now
-    if not out["ok"]:
-      log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                  step, int(out["nonfinite_streak"]))
-    loss_sum, loss_n = out["metrics"]["loss"]
-    logger.progress(step, float(loss_sum) if loss_n else None,
-                    interval_tokens / interval_time if interval_time else None)
-    if int(out["nonfinite_streak"]) >= max_consecutive_nonfinite:
-      log.error("stopping: %d consecutive non-finite steps; the last good checkpoint is %s",
-                int(out["nonfinite_streak"]), last_ckpt)
-      stop = "nonfinite"
-      break
-    if step % log_every == 0 or step == total_steps:
-      steps_in = log_every if step % log_every == 0 else step % log_every
-      extra = {f"lr/{g}": fn(step - 1) for g, fn in lr_fns.items()}
-      extra["tokens_per_s"] = interval_tokens / interval_time
-      extra["step_time_s"] = interval_time / steps_in
-      if step_flops is not None:
-        extra["mfu"] = interval_flops / interval_time / peak_flops
-      train_vals = logger.log_train(step, extra)
-      interval_tokens, interval_flops, interval_time = 0, 0.0, 0.0
-    if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total_steps):
-      results = eval_fn(state, step)
-      for name, value in results.items():  # (N, H, W, 3) uint8 arrays are image grids
-        if isinstance(value, np.ndarray) and value.ndim == 4:
-          logger.log_images(step, f"val/{name}", value)
-      eval_vals = logger.log_eval(step, {k: v for k, v in results.items()
-                                         if not (isinstance(v, np.ndarray) and v.ndim == 4)})
-      t_last = time.perf_counter()  # evaluation time is not training time
-    # A checkpoint due during a non-finite streak waits for the next good step.
-    save_due = save_due or step % checkpoint_every == 0 or step == total_steps
-    if save_due and out["ok"]:
-      checkpointer.save(step, state, data_iterator=data_iterator, meta=meta)
-      last_ckpt, save_due = step, False
-      t_last = time.perf_counter()
-    if on_step is not None:
-      on_step(step, state)
-  checkpointer.wait()
-  return LoopResult(state, step, stop, last_ckpt, train_vals, eval_vals)
+    A step whose loss or gradient is non-finite leaves params and optimizer state unchanged (the
+    step does it) and is not checkpointed; `max_consecutive_nonfinite` of them in a row stop the
+    run, so the newest checkpoint is the last good one. Checkpoints hold the data iterator's position.
+    eval_fn returns scalars, and optionally (N, H, W, 3) uint8 image grids (e.g. predicted vs true
+    boxes), which go to TensorBoard as images.
+    """
+    step = start_step
+    last_ckpt = checkpointer.latest_step()
+    interval_tokens, interval_flops, interval_time = 0, 0.0, 0.0
+    train_vals: dict[str, float] = {}
+    eval_vals: dict[str, float] = {}
+    stop = "done"
+    save_due = False
+    t_last = time.perf_counter()
+    while step < total_steps:
+        host = next_step_batch(batches, accum)
+        interval_tokens += token_count(host)
+        if step_flops is not None:
+            interval_flops += step_flops(host)
+        state, out = train_step(state, to_global(host, batch_sharding))
+        step += 1
+        out = jax.device_get(out)
+        logger.train.add(out["metrics"])
+        now = time.perf_counter()
+        interval_time += now - t_last
+        t_last = now
+        if not out["ok"]:
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                        step, int(out["nonfinite_streak"]))
+        loss_sum, loss_n = out["metrics"]["loss"]
+        logger.progress(step, float(loss_sum) if loss_n else None,
+                        interval_tokens / interval_time if interval_time else None)
+        if int(out["nonfinite_streak"]) >= max_consecutive_nonfinite:
+            log.error("stopping: %d consecutive non-finite steps; the last good checkpoint is %s",
+                      int(out["nonfinite_streak"]), last_ckpt)
+            stop = "nonfinite"
+            break
+        if step % log_every == 0 or step == total_steps:
+            steps_in = log_every if step % log_every == 0 else step % log_every
+            extra = {f"lr/{g}": fn(step - 1) for g, fn in lr_fns.items()}
+            extra["tokens_per_s"] = interval_tokens / interval_time
+            extra["step_time_s"] = interval_time / steps_in
+            if step_flops is not None:
+                extra["mfu"] = interval_flops / interval_time / peak_flops
+            train_vals = logger.log_train(step, extra)
+            interval_tokens, interval_flops, interval_time = 0, 0.0, 0.0
+        if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total_steps):
+            results = eval_fn(state, step)
+            for name, value in results.items():  # (N, H, W, 3) uint8 arrays are image grids
+                if isinstance(value, np.ndarray) and value.ndim == 4:
+                    logger.log_images(step, f"val/{name}", value)
+            eval_vals = logger.log_eval(step, {k: v for k, v in results.items()
+                                               if not (isinstance(v, np.ndarray) and v.ndim == 4)})
+            t_last = time.perf_counter()  # evaluation time is not training time
+        # A checkpoint due during a non-finite streak waits for the next good step.
+        save_due = save_due or step % checkpoint_every == 0 or step == total_steps
+        if save_due and out["ok"]:
+            checkpointer.save(step, state, data_iterator=data_iterator, meta=meta)
+            last_ckpt, save_due = step, False
+            t_last = time.perf_counter()
+        if on_step is not None:
+            on_step(step, state)
+    checkpointer.wait()
+    return LoopResult(state, step, stop, last_ckpt, train_vals, eval_vals)

@@ -22,119 +22,119 @@ SUMMED = frozenset({"skipped_steps"})
 
 
 def write_json_atomic(path: pathlib.Path, obj) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=True)
-  os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=True)
+    os.replace(tmp, path)
 
 
 class SumCountAccumulator:
-  """Adds (sum, count) pairs in float64 on the host; `averages` gives sum/count per name."""
+    """Adds (sum, count) pairs in float64 on the host; `averages` gives sum/count per name."""
 
-  def __init__(self):
-    self.reset()
+    def __init__(self):
+        self.reset()
 
-  def reset(self) -> None:
-    self._sums: dict[str, float] = {}
-    self._counts: dict[str, float] = {}
+    def reset(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, float] = {}
 
-  def add(self, metrics: Mapping[str, tuple]) -> None:
-    for name, (s, c) in metrics.items():
-      self._sums[name] = self._sums.get(name, 0.0) + float(np.asarray(s, np.float64))
-      self._counts[name] = self._counts.get(name, 0.0) + float(np.asarray(c, np.float64))
+    def add(self, metrics: Mapping[str, tuple]) -> None:
+        for name, (s, c) in metrics.items():
+            self._sums[name] = self._sums.get(name, 0.0) + float(np.asarray(s, np.float64))
+            self._counts[name] = self._counts.get(name, 0.0) + float(np.asarray(c, np.float64))
 
-  def averages(self) -> dict[str, float]:
-    out = {}
-    for name, s in self._sums.items():
-      if name in SUMMED:
-        out[name] = s
-      elif self._counts[name] > 0:
-        out[name] = s / self._counts[name]
-    return out
+    def averages(self) -> dict[str, float]:
+        out = {}
+        for name, s in self._sums.items():
+            if name in SUMMED:
+                out[name] = s
+            elif self._counts[name] > 0:
+                out[name] = s / self._counts[name]
+        return out
 
 
 def estimate_step_flops(*, llm_params: int, vision_params: int, head_params: int,
                         tokens: int, patches: int, llm_layers: int, llm_width: int,
                         llm_context: float, vision_layers: int, vision_width: int,
                         vision_context: float) -> float:
-  """Training FLOPs of one step (forward + backward = 3x forward).
+    """Training FLOPs of one step (forward + backward = 3x forward).
 
-  Dense: 6 * params * items (tokens for the LLM and head, patches for the vision tower).
-  Attention scores and values: 12 * layers * width * context per item, where context is the mean
-  number of keys a query attends to (about half the segment length for causal packed rows, the
-  window or image size for the vision tower).
-  """
-  dense = 6.0 * (llm_params + head_params) * tokens + 6.0 * vision_params * patches
-  attn = (12.0 * llm_layers * llm_width * llm_context * tokens
-          + 12.0 * vision_layers * vision_width * vision_context * patches)
-  return dense + attn
+    Dense: 6 * params * items (tokens for the LLM and head, patches for the vision tower).
+    Attention scores and values: 12 * layers * width * context per item, where context is the mean
+    number of keys a query attends to (about half the segment length for causal packed rows, the
+    window or image size for the vision tower).
+    """
+    dense = 6.0 * (llm_params + head_params) * tokens + 6.0 * vision_params * patches
+    attn = (12.0 * llm_layers * llm_width * llm_context * tokens
+            + 12.0 * vision_layers * vision_width * vision_context * patches)
+    return dense + attn
 
 
 class RunLogger:
-  """TensorBoard + metrics.jsonl + summary.json under workdir; inert on non-main processes."""
+    """TensorBoard + metrics.jsonl + summary.json under workdir; inert on non-main processes."""
 
-  def __init__(self, workdir: str | pathlib.Path, *, is_main: bool, total_steps: int,
-               initial_step: int = 0):
-    self.workdir = pathlib.Path(workdir)
-    self.is_main = is_main
-    self.train = SumCountAccumulator()
-    self._writer = None
-    self._bar = None
-    if is_main:
-      self.workdir.mkdir(parents=True, exist_ok=True)
-      self._writer = SummaryWriter(str(self.workdir / "tensorboard"))
-      self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
-      self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
-                            desc="train")
+    def __init__(self, workdir: str | pathlib.Path, *, is_main: bool, total_steps: int,
+                 initial_step: int = 0):
+        self.workdir = pathlib.Path(workdir)
+        self.is_main = is_main
+        self.train = SumCountAccumulator()
+        self._writer = None
+        self._bar = None
+        if is_main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+            self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
+                                  desc="train")
 
-  def _emit(self, step: int, values: Mapping[str, float]) -> None:
-    if not self.is_main:
-      return
-    for k, v in values.items():
-      if math.isfinite(v):
-        self._writer.add_scalar(k, v, step)
-    self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}},
-                                 allow_nan=True) + "\n")
-    self._jsonl.flush()
-    self._writer.flush()
+    def _emit(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.is_main:
+            return
+        for k, v in values.items():
+            if math.isfinite(v):
+                self._writer.add_scalar(k, v, step)
+        self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}},
+                                     allow_nan=True) + "\n")
+        self._jsonl.flush()
+        self._writer.flush()
 
-  def progress(self, step: int, loss: float | None, tokens_per_s: float | None) -> None:
-    if self._bar is None:
-      return
-    self._bar.n = step
-    post = {}
-    if loss is not None:
-      post["loss"] = f"{loss:.4f}"
-    if tokens_per_s is not None:
-      post["tok/s"] = f"{tokens_per_s:.0f}"
-    self._bar.set_postfix(post, refresh=True)
+    def progress(self, step: int, loss: float | None, tokens_per_s: float | None) -> None:
+        if self._bar is None:
+            return
+        self._bar.n = step
+        post = {}
+        if loss is not None:
+            post["loss"] = f"{loss:.4f}"
+        if tokens_per_s is not None:
+            post["tok/s"] = f"{tokens_per_s:.0f}"
+        self._bar.set_postfix(post, refresh=True)
 
-  def log_train(self, step: int, extra: Mapping[str, float]) -> dict[str, float]:
-    """Writes the interval's averages (as train/<name>) plus extra scalars; resets the interval."""
-    values = {f"train/{k}": v for k, v in self.train.averages().items()}
-    values.update({f"train/{k}": float(v) for k, v in extra.items()})
-    self.train.reset()
-    self._emit(step, values)
-    return values
+    def log_train(self, step: int, extra: Mapping[str, float]) -> dict[str, float]:
+        """Writes the interval's averages (as train/<name>) plus extra scalars; resets the interval."""
+        values = {f"train/{k}": v for k, v in self.train.averages().items()}
+        values.update({f"train/{k}": float(v) for k, v in extra.items()})
+        self.train.reset()
+        self._emit(step, values)
+        return values
 
-  def log_eval(self, step: int, metrics: Mapping[str, float], prefix: str = "val") -> dict:
-    values = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
-    self._emit(step, values)
-    return values
+    def log_eval(self, step: int, metrics: Mapping[str, float], prefix: str = "val") -> dict:
+        values = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+        self._emit(step, values)
+        return values
 
-  def log_images(self, step: int, tag: str, images: np.ndarray) -> None:
-    """images: (N, H, W, 3) uint8, written as one grid."""
-    if self.is_main and len(images):
-      self._writer.add_images(tag, images, step, dataformats="NHWC")
-      self._writer.flush()
+    def log_images(self, step: int, tag: str, images: np.ndarray) -> None:
+        """images: (N, H, W, 3) uint8, written as one grid."""
+        if self.is_main and len(images):
+            self._writer.add_images(tag, images, step, dataformats="NHWC")
+            self._writer.flush()
 
-  def write_summary(self, summary: Mapping) -> None:
-    if self.is_main:
-      write_json_atomic(self.workdir / "summary.json", dict(summary))
+    def write_summary(self, summary: Mapping) -> None:
+        if self.is_main:
+            write_json_atomic(self.workdir / "summary.json", dict(summary))
 
-  def close(self) -> None:
-    if self.is_main:
-      self._bar.close()
-      self._jsonl.close()
-      self._writer.close()
+    def close(self) -> None:
+        if self.is_main:
+            self._bar.close()
+            self._jsonl.close()
+            self._writer.close()

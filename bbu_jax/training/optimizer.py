@@ -32,168 +32,168 @@ _NO_DECAY = re.compile(r"(^|/)[^/]*(norm|bias)[^/]*(/|$)|(^|/)(scale|bias)$", re
 
 
 def path_str(key_path) -> str:
-  """'/'-joined names of a jax key path (dict keys, attributes, sequence indices)."""
-  parts = []
-  for k in key_path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+    """'/'-joined names of a jax key path (dict keys, attributes, sequence indices)."""
+    parts = []
+    for k in key_path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
 
 
 def group_of(path: str, rules=GROUP_RULES) -> str:
-  for pattern, group in rules:
-    if re.search(pattern, path):
-      return group
-  raise ValueError(f"parameter {path!r} matches no rule of GROUP_RULES; add one")
+    for pattern, group in rules:
+        if re.search(pattern, path):
+            return group
+    raise ValueError(f"parameter {path!r} matches no rule of GROUP_RULES; add one")
 
 
 def group_labels(params, rules=GROUP_RULES):
-  """Same tree as params with each leaf replaced by its group name."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: group_of(path_str(p), rules), params)
+    """Same tree as params with each leaf replaced by its group name."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: group_of(path_str(p), rules), params)
 
 
 def decays(path: str) -> bool:
-  return _NO_DECAY.search(path) is None
+    return _NO_DECAY.search(path) is None
 
 
 def decay_mask(params):
-  """True where weight decay applies (not norms, not biases); works on optax-masked subtrees."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: decays(path_str(p)), params)
+    """True where weight decay applies (not norms, not biases); works on optax-masked subtrees."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: decays(path_str(p)), params)
 
 
 def effective_batch_size(batch_rows: int, grad_accum_steps: int, collator: str,
                          segments_per_row: int) -> int:
-  """Samples per optimizer step: a packed row holds up to segments_per_row samples."""
-  per_row = segments_per_row if collator == "packed" else 1
-  return batch_rows * grad_accum_steps * per_row
+    """Samples per optimizer step: a packed row holds up to segments_per_row samples."""
+    per_row = segments_per_row if collator == "packed" else 1
+    return batch_rows * grad_accum_steps * per_row
 
 
 def lr_scale(rule: str, effective_batch: int, reference_batch: int) -> float:
-  """Multiplier of every group's lr: (effective / reference) ** {linear: 1, sqrt: 0.5, none: 0}."""
-  power = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[rule]
-  return (effective_batch / reference_batch) ** power
+    """Multiplier of every group's lr: (effective / reference) ** {linear: 1, sqrt: 0.5, none: 0}."""
+    power = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[rule]
+    return (effective_batch / reference_batch) ** power
 
 
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int,
                   min_lr_ratio: float) -> optax.Schedule:
-  """Linear warmup (update k gets peak*(k+1)/warmup, so the first update is not wasted), then
-  cosine from peak to peak*min_lr_ratio at total_steps."""
-  floor = peak * min_lr_ratio
+    """Linear warmup (update k gets peak*(k+1)/warmup, so the first update is not wasted), then
+    cosine from peak to peak*min_lr_ratio at total_steps."""
+    floor = peak * min_lr_ratio
 
-  def schedule(count):
-    count = jnp.asarray(count, jnp.float32)
-    warm = peak * (count + 1.0) / max(warmup_steps, 1)
-    progress = jnp.clip((count - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
-    cos = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    return jnp.where(count < warmup_steps, warm, cos)
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        warm = peak * (count + 1.0) / max(warmup_steps, 1)
+        progress = jnp.clip((count - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+        cos = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(count < warmup_steps, warm, cos)
 
-  return schedule
+    return schedule
 
 
 class _FreezeState(NamedTuple):
-  count: jax.Array
-  inner: Any
+    count: jax.Array
+    inner: Any
 
 
 class _CountState(NamedTuple):
-  count: jax.Array
+    count: jax.Array
 
 
 def _select(pred, a, b):
-  return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
 def freeze_for(num_steps: int, inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """Zero updates for the first num_steps steps and leave the inner state untouched meanwhile,
-  so the inner schedule, Adam moments and weight decay all start when the group is unfrozen."""
-  if num_steps == 0:
-    return inner
+    """Zero updates for the first num_steps steps and leave the inner state untouched meanwhile,
+    so the inner schedule, Adam moments and weight decay all start when the group is unfrozen."""
+    if num_steps == 0:
+        return inner
 
-  def init(params):
-    return _FreezeState(count=jnp.zeros([], jnp.int32), inner=inner.init(params))
+    def init(params):
+        return _FreezeState(count=jnp.zeros([], jnp.int32), inner=inner.init(params))
 
-  def update(updates, state, params=None):
-    new_updates, new_inner = inner.update(updates, state.inner, params)
-    active = state.count >= num_steps
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, updates)
-    return (_select(active, new_updates, zeros),
-            _FreezeState(count=jnp.minimum(state.count + 1, num_steps),
-                         inner=_select(active, new_inner, state.inner)))
+    def update(updates, state, params=None):
+        new_updates, new_inner = inner.update(updates, state.inner, params)
+        active = state.count >= num_steps
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, updates)
+        return (_select(active, new_updates, zeros),
+                _FreezeState(count=jnp.minimum(state.count + 1, num_steps),
+                             inner=_select(active, new_inner, state.inner)))
 
-  return optax.GradientTransformation(init, update)
+    return optax.GradientTransformation(init, update)
 
 
 def mask_until(num_steps: int, frozen: Callable[[Any], Any]) -> optax.GradientTransformation:
-  """Zero the gradients of leaves where frozen(params) is True for the first num_steps steps,
-  so a frozen head does not count in the global gradient norm used for clipping."""
-  if num_steps == 0:
-    return optax.identity()
+    """Zero the gradients of leaves where frozen(params) is True for the first num_steps steps,
+    so a frozen head does not count in the global gradient norm used for clipping."""
+    if num_steps == 0:
+        return optax.identity()
 
-  def init(params):
-    del params
-    return _CountState(count=jnp.zeros([], jnp.int32))
+    def init(params):
+        del params
+        return _CountState(count=jnp.zeros([], jnp.int32))
 
-  def update(updates, state, params=None):
-    del params
-    mask = frozen(updates)
-    live = state.count >= num_steps
-    updates = jax.tree_util.tree_map(
-        lambda g, m: jnp.where(live | ~m, g, jnp.zeros_like(g)), updates, mask)
-    return updates, _CountState(count=jnp.minimum(state.count + 1, num_steps))
+    def update(updates, state, params=None):
+        del params
+        mask = frozen(updates)
+        live = state.count >= num_steps
+        updates = jax.tree_util.tree_map(
+            lambda g, m: jnp.where(live | ~m, g, jnp.zeros_like(g)), updates, mask)
+        return updates, _CountState(count=jnp.minimum(state.count + 1, num_steps))
 
-  return optax.GradientTransformation(init, update)
+    return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(params, *, lrs: Mapping[str, float], warmup_steps: int, total_steps: int,
                    min_lr_ratio: float, weight_decay: float, b1: float, b2: float, eps: float,
                    grad_clip_norm: float, head_freeze_steps: int,
                    rules=GROUP_RULES) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
-  """AdamW per group (lrs already scaled), global-norm clipping, frozen groups at lr 0.
+    """AdamW per group (lrs already scaled), global-norm clipping, frozen groups at lr 0.
 
-  Returns the transformation and each group's lr as a function of the optimizer step (for
-  logging); a group with lr 0 gets optax.set_to_zero and so no optimizer state at all.
-  """
-  labels = group_labels(params, rules)
-  present = set(jax.tree_util.tree_leaves(labels))
-  txs, schedules = {}, {}
-  for group in GROUPS:
-    if group not in present:
-      continue
-    lr = float(lrs[group])
-    if lr == 0.0:
-      txs[group] = optax.set_to_zero()
-      schedules[group] = lambda step: 0.0
-      continue
-    freeze = head_freeze_steps if group in HEAD_GROUPS else 0
-    sched = warmup_cosine(lr, warmup_steps, max(total_steps - freeze, 1), min_lr_ratio)
-    txs[group] = freeze_for(freeze, optax.adamw(sched, b1=b1, b2=b2, eps=eps,
-                                                weight_decay=weight_decay, mask=decay_mask))
-    schedules[group] = (lambda s, f=freeze, g=sched: 0.0 if s < f else float(g(s - f)))
-  chain = []
-  if head_freeze_steps:
-    is_head = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
-        lambda p, _: group_of(path_str(p), rules) in HEAD_GROUPS, tree)
-    chain.append(mask_until(head_freeze_steps, is_head))
-  if grad_clip_norm > 0:
-    chain.append(optax.clip_by_global_norm(grad_clip_norm))
-  chain.append(optax.partition(txs, labels))
-  return optax.chain(*chain), schedules
+    Returns the transformation and each group's lr as a function of the optimizer step (for
+    logging); a group with lr 0 gets optax.set_to_zero and so no optimizer state at all.
+    """
+    labels = group_labels(params, rules)
+    present = set(jax.tree_util.tree_leaves(labels))
+    txs, schedules = {}, {}
+    for group in GROUPS:
+        if group not in present:
+            continue
+        lr = float(lrs[group])
+        if lr == 0.0:
+            txs[group] = optax.set_to_zero()
+            schedules[group] = lambda step: 0.0
+            continue
+        freeze = head_freeze_steps if group in HEAD_GROUPS else 0
+        sched = warmup_cosine(lr, warmup_steps, max(total_steps - freeze, 1), min_lr_ratio)
+        txs[group] = freeze_for(freeze, optax.adamw(sched, b1=b1, b2=b2, eps=eps,
+                                                    weight_decay=weight_decay, mask=decay_mask))
+        schedules[group] = (lambda s, f=freeze, g=sched: 0.0 if s < f else float(g(s - f)))
+    chain = []
+    if head_freeze_steps:
+        is_head = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
+            lambda p, _: group_of(path_str(p), rules) in HEAD_GROUPS, tree)
+        chain.append(mask_until(head_freeze_steps, is_head))
+    if grad_clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(grad_clip_norm))
+    chain.append(optax.partition(txs, labels))
+    return optax.chain(*chain), schedules
 
 
 def group_norms(tree, labels) -> dict[str, jax.Array]:
-  """L2 norm of each group's leaves (for wn/<group> and gn/<group>)."""
-  sq = {}
-  for leaf, group in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(labels)):
-    sq[group] = sq.get(group, 0.0) + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
-  return {g: jnp.sqrt(v) for g, v in sq.items()}
+    """L2 norm of each group's leaves (for wn/<group> and gn/<group>)."""
+    sq = {}
+    for leaf, group in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(labels)):
+        sq[group] = sq.get(group, 0.0) + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+    return {g: jnp.sqrt(v) for g, v in sq.items()}
 
 
 def group_sizes(params, labels) -> dict[str, int]:
-  sizes = {}
-  for leaf, group in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(labels)):
-    sizes[group] = sizes.get(group, 0) + math.prod(leaf.shape)
-  return sizes
+    sizes = {}
+    for leaf, group in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(labels)):
+        sizes[group] = sizes.get(group, 0) + math.prod(leaf.shape)
+    return sizes

@@ -34,99 +34,99 @@ BATCH_AXES = ("data", "fsdp")  # the rows of a batch are split over both axes
 
 
 def accumulated_batch_sharding(mesh: Mesh) -> NamedSharding:
-  """(A, B, ...) arrays: micro-batch axis replicated, rows split over data x fsdp."""
-  return NamedSharding(mesh, P(None, BATCH_AXES))
+    """(A, B, ...) arrays: micro-batch axis replicated, rows split over data x fsdp."""
+    return NamedSharding(mesh, P(None, BATCH_AXES))
 
 
 def total_counts(count_fn: CountFn, batch: dict) -> dict[str, jax.Array]:
-  """Counts of the whole step (all micro-batches), at least 1 so empty terms give 0 not NaN."""
-  counts = jax.vmap(count_fn)(batch)
-  return {k: jnp.maximum(jnp.sum(v, axis=0), 1).astype(jnp.float32) for k, v in counts.items()}
+    """Counts of the whole step (all micro-batches), at least 1 so empty terms give 0 not NaN."""
+    counts = jax.vmap(count_fn)(batch)
+    return {k: jnp.maximum(jnp.sum(v, axis=0), 1).astype(jnp.float32) for k, v in counts.items()}
 
 
 def _scan_micro(fn, batch):
-  """Sum fn(micro_batch) over the leading micro-batch axis (scan: one compiled body)."""
-  first = jax.tree_util.tree_map(lambda x: x[0], batch)
-  out0 = fn(first)
-  if jax.tree_util.tree_leaves(batch)[0].shape[0] == 1:
-    return out0
-  rest = jax.tree_util.tree_map(lambda x: x[1:], batch)
+    """Sum fn(micro_batch) over the leading micro-batch axis (scan: one compiled body)."""
+    first = jax.tree_util.tree_map(lambda x: x[0], batch)
+    out0 = fn(first)
+    if jax.tree_util.tree_leaves(batch)[0].shape[0] == 1:
+        return out0
+    rest = jax.tree_util.tree_map(lambda x: x[1:], batch)
 
-  def body(carry, micro):
-    return jax.tree_util.tree_map(jnp.add, carry, fn(micro)), None
+    def body(carry, micro):
+        return jax.tree_util.tree_map(jnp.add, carry, fn(micro)), None
 
-  return jax.lax.scan(body, out0, rest)[0]
+    return jax.lax.scan(body, out0, rest)[0]
 
 
 def train_step(state: State, batch: dict, *, loss_fn: LossFn, count_fn: CountFn,
                tx: optax.GradientTransformation, labels) -> tuple[State, dict[str, jax.Array]]:
-  counts = total_counts(count_fn, batch)
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    counts = total_counts(count_fn, batch)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def micro(mb):
-    (loss, metrics), grads = grad_fn(state["params"], mb, counts, rng)
-    return loss, metrics, grads
+    def micro(mb):
+        (loss, metrics), grads = grad_fn(state["params"], mb, counts, rng)
+        return loss, metrics, grads
 
-  loss, metrics, grads = _scan_micro(micro, batch)
-  grads_by_group = group_norms(grads, labels)
-  grad_norm = optax.tree.norm(grads)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  # Non-finite grads must not reach the optimizer state either: zero them, then keep the old state.
-  safe_grads = jax.tree_util.tree_map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
-  updates, new_opt = tx.update(safe_grads, state["opt_state"], state["params"])
-  new_params = optax.apply_updates(state["params"], updates)
-  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-  new_state = {
-      "step": state["step"] + 1,
-      "params": keep(new_params, state["params"]),
-      "opt_state": keep(new_opt, state["opt_state"]),
-      "rng": state["rng"],
-      "nonfinite_streak": jnp.where(ok, 0, state["nonfinite_streak"] + 1).astype(jnp.int32),
-      "skipped": state["skipped"] + (~ok).astype(jnp.int32),
-  }
-  one = jnp.ones([], jnp.float32)
-  okf = ok.astype(jnp.float32)
-  # A skipped step contributes nothing to the logged averages (its sums may be NaN).
-  out = {k: (jnp.where(ok, s, 0.0).astype(jnp.float32), c.astype(jnp.float32) * okf)
-         for k, (s, c) in metrics.items()}
-  # Step-level quantities are averaged over the steps of a logging interval.
-  out["loss"] = (jnp.where(ok, loss, 0.0).astype(jnp.float32), okf)
-  out["grad_norm"] = (jnp.where(ok, grad_norm, 0.0), okf)
-  for g, v in grads_by_group.items():
-    out[f"gn/{g}"] = (jnp.where(ok, v, 0.0), okf)
-  for g, v in group_norms(new_state["params"], labels).items():
-    out[f"wn/{g}"] = (v, one)
-  out["skipped_steps"] = ((~ok).astype(jnp.float32), one)
-  return new_state, {"metrics": out, "ok": ok, "nonfinite_streak": new_state["nonfinite_streak"]}
+    loss, metrics, grads = _scan_micro(micro, batch)
+    grads_by_group = group_norms(grads, labels)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Non-finite grads must not reach the optimizer state either: zero them, then keep the old state.
+    safe_grads = jax.tree_util.tree_map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+    updates, new_opt = tx.update(safe_grads, state["opt_state"], state["params"])
+    new_params = optax.apply_updates(state["params"], updates)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    new_state = {
+        "step": state["step"] + 1,
+        "params": keep(new_params, state["params"]),
+        "opt_state": keep(new_opt, state["opt_state"]),
+        "rng": state["rng"],
+        "nonfinite_streak": jnp.where(ok, 0, state["nonfinite_streak"] + 1).astype(jnp.int32),
+        "skipped": state["skipped"] + (~ok).astype(jnp.int32),
+    }
+    one = jnp.ones([], jnp.float32)
+    okf = ok.astype(jnp.float32)
+    # A skipped step contributes nothing to the logged averages (its sums may be NaN).
+    out = {k: (jnp.where(ok, s, 0.0).astype(jnp.float32), c.astype(jnp.float32) * okf)
+           for k, (s, c) in metrics.items()}
+    # Step-level quantities are averaged over the steps of a logging interval.
+    out["loss"] = (jnp.where(ok, loss, 0.0).astype(jnp.float32), okf)
+    out["grad_norm"] = (jnp.where(ok, grad_norm, 0.0), okf)
+    for g, v in grads_by_group.items():
+        out[f"gn/{g}"] = (jnp.where(ok, v, 0.0), okf)
+    for g, v in group_norms(new_state["params"], labels).items():
+        out[f"wn/{g}"] = (v, one)
+    out["skipped_steps"] = ((~ok).astype(jnp.float32), one)
+    return new_state, {"metrics": out, "ok": ok, "nonfinite_streak": new_state["nonfinite_streak"]}
 
 
 def eval_step(params, batch: dict, *, loss_fn: LossFn, count_fn: CountFn, rng) -> Metrics:
-  """Loss terms of one (un-accumulated) batch as (sum, count) pairs."""
-  counts = {k: jnp.maximum(v, 1).astype(jnp.float32) for k, v in count_fn(batch).items()}
-  loss, metrics = loss_fn(params, batch, counts, rng)
-  out = {k: (s.astype(jnp.float32), c.astype(jnp.float32)) for k, (s, c) in metrics.items()}
-  out["loss"] = (loss.astype(jnp.float32), jnp.ones([], jnp.float32))
-  return out
+    """Loss terms of one (un-accumulated) batch as (sum, count) pairs."""
+    counts = {k: jnp.maximum(v, 1).astype(jnp.float32) for k, v in count_fn(batch).items()}
+    loss, metrics = loss_fn(params, batch, counts, rng)
+    out = {k: (s.astype(jnp.float32), c.astype(jnp.float32)) for k, (s, c) in metrics.items()}
+    out["loss"] = (loss.astype(jnp.float32), jnp.ones([], jnp.float32))
+    return out
 
 
 def jit_train_step(*, loss_fn: LossFn, count_fn: CountFn, tx: optax.GradientTransformation,
                    labels, state_shardings: State, mesh: Mesh):
-  """train_step compiled with explicit in/out shardings; the input state is donated."""
-  replicated = NamedSharding(mesh, P())
+    """train_step compiled with explicit in/out shardings; the input state is donated."""
+    replicated = NamedSharding(mesh, P())
 
-  def fn(state, batch):
-    return train_step(state, batch, loss_fn=loss_fn, count_fn=count_fn, tx=tx, labels=labels)
+    def fn(state, batch):
+        return train_step(state, batch, loss_fn=loss_fn, count_fn=count_fn, tx=tx, labels=labels)
 
-  return jax.jit(fn, in_shardings=(state_shardings, accumulated_batch_sharding(mesh)),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    return jax.jit(fn, in_shardings=(state_shardings, accumulated_batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
 def jit_eval_step(*, loss_fn: LossFn, count_fn: CountFn, param_shardings, mesh: Mesh):
-  replicated = NamedSharding(mesh, P())
+    replicated = NamedSharding(mesh, P())
 
-  def fn(params, batch, rng):
-    return eval_step(params, batch, loss_fn=loss_fn, count_fn=count_fn, rng=rng)
+    def fn(params, batch, rng):
+        return eval_step(params, batch, loss_fn=loss_fn, count_fn=count_fn, rng=rng)
 
-  return jax.jit(fn, in_shardings=(param_shardings, NamedSharding(mesh, P(BATCH_AXES)), replicated),
-                 out_shardings=replicated)
+    return jax.jit(fn, in_shardings=(param_shardings, NamedSharding(mesh, P(BATCH_AXES)), replicated),
+                   out_shardings=replicated)

@@ -24,90 +24,90 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass(frozen=True)
 class HeadSpec:
-  """The detection head's architecture (explicit, from the config)."""
-  width: int
-  num_queries: int
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  caption_layers: int
-  max_caption_len: int
+    """The detection head's architecture (explicit, from the config)."""
+    width: int
+    num_queries: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    caption_layers: int
+    max_caption_len: int
 
 
 def build_modules(hf_dir: str, *, param_dtype, compute_dtype, remat: str, attention_impl: str,
                   head: HeadSpec | None, seed: int, mesh: Mesh | None) -> dict[str, nnx.Module]:
-  """{"model": Qwen2.5-VL from the HF folder, "head": a freshly initialized head (if any)}."""
-  model = from_hf(hf_dir, dtype=param_dtype, mesh=mesh, compute_dtype=compute_dtype,
-                  attention_impl=attention_impl, remat=remat)
-  modules = {"model": model}
-  if head is not None:
-    modules["head"] = DetectionHead(
-        llm_hidden=model.config.text.hidden_size, width=head.width, num_queries=head.num_queries,
-        num_layers=head.num_layers, num_heads=head.num_heads, mlp_dim=head.mlp_dim,
-        caption_layers=head.caption_layers, max_caption_len=head.max_caption_len,
-        attention_impl=attention_impl, dtype=compute_dtype, param_dtype=param_dtype,
-        rngs=nnx.Rngs(seed))
-  return modules
+    """{"model": Qwen2.5-VL from the HF folder, "head": a freshly initialized head (if any)}."""
+    model = from_hf(hf_dir, dtype=param_dtype, mesh=mesh, compute_dtype=compute_dtype,
+                    attention_impl=attention_impl, remat=remat)
+    modules = {"model": model}
+    if head is not None:
+        modules["head"] = DetectionHead(
+            llm_hidden=model.config.text.hidden_size, width=head.width, num_queries=head.num_queries,
+            num_layers=head.num_layers, num_heads=head.num_heads, mlp_dim=head.mlp_dim,
+            caption_layers=head.caption_layers, max_caption_len=head.max_caption_len,
+            attention_impl=attention_impl, dtype=compute_dtype, param_dtype=param_dtype,
+            rngs=nnx.Rngs(seed))
+    return modules
 
 
 def param_shardings(modules: Mapping[str, nnx.Module], mesh: Mesh):
-  """Pure-dict tree of NamedShardings matching train_state.split_modules' params."""
-  return {name: nnx.to_pure_dict(sharding.param_shardings(nnx.state(m, nnx.Param), mesh))
-          for name, m in modules.items()}
+    """Pure-dict tree of NamedShardings matching train_state.split_modules' params."""
+    return {name: nnx.to_pure_dict(sharding.param_shardings(nnx.state(m, nnx.Param), mesh))
+            for name, m in modules.items()}
 
 
 def count_fn(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Jittable twin of bbu_jax.losses.loss_normalizers (the units each loss term averages over)."""
-  valid = batch["gt_valid"].astype(bool) & batch["segment_valid"].astype(bool)[..., None]
-  return {"tokens": jnp.sum(batch["target_kind"] > 0).astype(jnp.float32),
-          "boxes": jnp.sum(valid).astype(jnp.float32),
-          "caption_tokens": jnp.sum(batch["gt_caption_mask"].astype(bool) & valid[..., None]
-                                    ).astype(jnp.float32)}
+    """Jittable twin of bbu_jax.losses.loss_normalizers (the units each loss term averages over)."""
+    valid = batch["gt_valid"].astype(bool) & batch["segment_valid"].astype(bool)[..., None]
+    return {"tokens": jnp.sum(batch["target_kind"] > 0).astype(jnp.float32),
+            "boxes": jnp.sum(valid).astype(jnp.float32),
+            "caption_tokens": jnp.sum(batch["gt_caption_mask"].astype(bool) & valid[..., None]
+                                      ).astype(jnp.float32)}
 
 
 def make_loss_fn(graphdefs, rest, *, weights: LossWeights, caption_vocab: np.ndarray | None,
                  lm_chunk: int, matcher: str):
-  """loss_fn(params, batch, counts, rng) -> (total, {name: (sum, count)}) for step.py."""
-  detection = "head" in graphdefs
-  vocab = None if caption_vocab is None else jnp.asarray(caption_vocab, jnp.int32)
+    """loss_fn(params, batch, counts, rng) -> (total, {name: (sum, count)}) for step.py."""
+    detection = "head" in graphdefs
+    vocab = None if caption_vocab is None else jnp.asarray(caption_vocab, jnp.int32)
 
-  def loss_fn(params, batch, counts, rng):
-    del rng  # deterministic model (no dropout)
-    mods = train_state.merge_modules(graphdefs, params, rest)
-    model = mods["model"]
-    hidden = model(**{k: batch[k] for k in MODEL_INPUTS})
-    return multitask_loss(hidden, model.lm_head_matrix(), batch, weights,
-                          head=mods.get("head"), embed_table=model.embed_table(),
-                          caption_vocab=vocab, detection=detection, lm_chunk=lm_chunk,
-                          matcher=matcher, normalizers=counts)
+    def loss_fn(params, batch, counts, rng):
+        del rng  # deterministic model (no dropout)
+        mods = train_state.merge_modules(graphdefs, params, rest)
+        model = mods["model"]
+        hidden = model(**{k: batch[k] for k in MODEL_INPUTS})
+        return multitask_loss(hidden, model.lm_head_matrix(), batch, weights,
+                              head=mods.get("head"), embed_table=model.embed_table(),
+                              caption_vocab=vocab, detection=detection, lm_chunk=lm_chunk,
+                              matcher=matcher, normalizers=counts)
 
-  return loss_fn
+    return loss_fn
 
 
 def loss_weights(*, lm: float, detection: float, bbox_l1: float, bbox_giou: float,
                  objectness: float, caption: float, match_class: float, match_bbox: float,
                  match_giou: float, focal_alpha: float, focal_gamma: float) -> LossWeights:
-  """Detection terms scaled by the overall detection weight."""
-  return LossWeights(lm=lm, bbox_l1=detection * bbox_l1, bbox_giou=detection * bbox_giou,
-                     objectness=detection * objectness, caption=detection * caption,
-                     match=MatchCost(class_weight=match_class, bbox_weight=match_bbox,
-                                     giou_weight=match_giou, focal_alpha=focal_alpha,
-                                     focal_gamma=focal_gamma))
+    """Detection terms scaled by the overall detection weight."""
+    return LossWeights(lm=lm, bbox_l1=detection * bbox_l1, bbox_giou=detection * bbox_giou,
+                       objectness=detection * objectness, caption=detection * caption,
+                       match=MatchCost(class_weight=match_class, bbox_weight=match_bbox,
+                                       giou_weight=match_giou, focal_alpha=focal_alpha,
+                                       focal_gamma=focal_gamma))
 
 
 def model_flops_terms(cfg: Qwen25VLConfig, params) -> dict[str, int]:
-  """Sizes for metrics_logging.estimate_step_flops, from the model config and params.
+    """Sizes for metrics_logging.estimate_step_flops, from the model config and params.
 
-  Input embeddings are a lookup, not a matmul; the LM head is a matmul. Tied: the one table is
-  counted once (as the head); untied: the input table is left out."""
-  def count(tree):
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+    Input embeddings are a lookup, not a matmul; the LM head is a matmul. Tied: the one table is
+    counted once (as the head); untied: the input table is left out."""
+    def count(tree):
+        return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
-  model = params["model"]
-  vision = count(model["visual"])
-  llm = count(model) - vision
-  if not cfg.tie_word_embeddings:
-    llm -= cfg.text.vocab_size * cfg.text.hidden_size
-  return {"llm_params": llm, "vision_params": vision, "head_params": count(params.get("head", {})),
-          "llm_layers": cfg.text.num_hidden_layers, "llm_width": cfg.text.hidden_size,
-          "vision_layers": cfg.vision.depth, "vision_width": cfg.vision.hidden_size}
+    model = params["model"]
+    vision = count(model["visual"])
+    llm = count(model) - vision
+    if not cfg.tie_word_embeddings:
+        llm -= cfg.text.vocab_size * cfg.text.hidden_size
+    return {"llm_params": llm, "vision_params": vision, "head_params": count(params.get("head", {})),
+            "llm_layers": cfg.text.num_hidden_layers, "llm_width": cfg.text.hidden_size,
+            "vision_layers": cfg.vision.depth, "vision_width": cfg.vision.hidden_size}
