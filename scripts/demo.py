@@ -1,8 +1,10 @@
 """`make demo`: the whole pipeline on CPU in minutes, from nothing.
 
 Creates the tiny model and the synthetic dataset (configs/demo.py), trains the LM and the
-detection head together, evaluates on val, checkpoints, exports to HF, and prints where
-everything is. Each run starts a fresh run folder (the model and data are reused).
+detection head together, evaluates on val (losses, the head's COCO mAP), checkpoints, exports to
+HF, then loads the export back, generates JSON answers for a few val images, parses them, draws
+ground truth vs the head's boxes, and prints where everything is. Each run starts a fresh run
+folder (the model and data are reused).
 
   python scripts/demo.py [--config.num_train_steps=40 ...]
 """
@@ -24,9 +26,45 @@ _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "demo
                                           lock_config=True)
 
 
+MAX_NEW_TOKENS = 384  # a synthetic scene's answer is well under this with the tiny tokenizer
+
+
 def _lm_loss_curve(metrics_jsonl: pathlib.Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
     return [(r["step"], r["train/lm_loss"]) for r in rows if "train/lm_loss" in r]
+
+
+def check_export(c, hf_export: pathlib.Path, out: pathlib.Path, num_samples: int) -> dict:
+    """Reload the HF export, generate answers for the first val records, parse them, and draw the
+    head's detections next to the ground truth (PNGs in ``out``)."""
+    from bbu_jax.data.encode import SampleEncoder
+    from bbu_jax.data.schema import load_records
+    from bbu_jax.evaluation.metrics import generate_metrics
+    from bbu_jax.evaluation.visualize import VisualRecord, write_visualizations
+    from bbu_jax.inference.answers import generate_answers
+    from bbu_jax.inference.predict import predict_detection
+    from bbu_jax.models.qwen2_5_vl import from_hf
+    from convert_weights.detection_head_files import load_detection_head
+
+    model = from_hf(hf_export)
+    head, vocab = load_detection_head(hf_export)
+    encoder = SampleEncoder(str(hf_export), min_pixels=c.min_pixels, max_pixels=c.max_pixels, language=c.language)
+    records = load_records(c.val_jsonl)[0][:num_samples]
+    answers, _ = generate_answers(model, encoder, records, num_teachers=0, max_new_tokens=MAX_NEW_TOKENS,
+                                  batch_size=num_samples, progress=False)
+    report = generate_metrics([a.gt for a in answers], [a.pred for a in answers], [a.status for a in answers])
+    dets = predict_detection(model, head, [r.student.images[0] for r in records], encoder=encoder,
+                             caption_vocab=vocab, score_threshold=0.3, batch_size=num_samples)
+    pictures, _ = write_visualizations(
+        [VisualRecord(r.student.images[0], [{"bbox_2d": list(o.bbox), "desc": o.desc} for o in r.student.objects],
+                      [{"bbox_2d": b.tolist(), "desc": t, "score": float(sc)}
+                       for b, sc, t in zip(d.boxes, d.scores, d.captions)], r.source)
+         for r, d in zip(records, dets)], out, panel_size=384)
+    print("\n--- generated answer for", records[0].source, "---\n" + answers[0].response[:400])
+    from bbu_jax.inference.parser import OK
+    return {"answers": len(answers), "complete_json": sum(a.status.code == OK for a in answers),
+            "objects": sum(len(a.pred) for a in answers),
+            "sheet": [p for p in pictures if "contact_sheet" in p][0], **report}
 
 
 def main(argv) -> int:
@@ -53,9 +91,18 @@ def main(argv) -> int:
     print(f"steps {result.step} ({result.stop_reason}) in {time.time() - t0:.0f}s")
     if curve:
         print(f"train/lm_loss: step {curve[0][0]} {curve[0][1]:.3f} -> step {curve[-1][0]} {curve[-1][1]:.3f}")
-    for k in sorted(summary):
-        if k.startswith("val/"):
+    for k in ("val/lm_loss", "val/student_lm_loss", "val/bbox_l1_loss", "val/bbox_giou_loss",
+              "val/objectness_loss", "val/caption_loss", "val/matched_iou", "val/mAP", "val/mAP50",
+              "val/head/AR100", "val/head/caption_accuracy"):
+        if k in summary:
             print(f"{k:28s} {summary[k]:.4f}")
+    if summary.get("hf_export"):
+        check = check_export(c, pathlib.Path(summary["hf_export"]), workdir / "pictures", num_samples=8)
+        print(f"generated answers: {check['complete_json']}/{check['answers']} complete JSON, "
+              f"{check['objects']} valid objects ({check['parse_failures']} without JSON); "
+              f"generate/f1 {check['generate/f1']:.3f}, precision {check['generate/precision']:.3f}, "
+              f"recall {check['generate/recall']:.3f}")
+        print(f"pictures         {check['sheet']}")
     print(f"tiny model       {pathlib.Path(c.hf_dir).absolute()}")
     print(f"data             {pathlib.Path(c.train_jsonl).absolute().parent}")
     print(f"run folder       {workdir.absolute()}")

@@ -122,3 +122,22 @@ def test_sharded_jit_matches_single_device(head):
     np.testing.assert_allclose(total, ref_total, rtol=1e-5)
     for name in ref_metrics:
         np.testing.assert_allclose(metrics[name][1], ref_metrics[name][1])
+
+
+def test_loss_normalizers_count_on_host_and_under_jit():
+    from bbu_jax.data.collate import Budgets, empty_batch
+
+    b = Budgets(rows=2, tokens=8, patches=4, segments=2, objects=3, caption_tokens=4, vision_memory=2,
+                text_memory=2)
+    batch = empty_batch(b)
+    r = np.random.default_rng(0)
+    batch["target_kind"][:] = r.integers(0, 3, batch["target_kind"].shape)
+    batch["gt_valid"][:] = r.uniform(size=batch["gt_valid"].shape) < 0.6
+    batch["segment_valid"][:] = [[True, False], [True, True]]
+    batch["gt_caption_mask"][:] = r.uniform(size=batch["gt_caption_mask"].shape) < 0.5
+    valid = batch["gt_valid"] & batch["segment_valid"][..., None]  # a padding segment's boxes never count
+    want = {"tokens": (batch["target_kind"] > 0).sum(), "boxes": valid.sum(),
+            "caption_tokens": (batch["gt_caption_mask"] & valid[..., None]).sum()}
+    assert want["boxes"] < batch["gt_valid"].sum() and want["caption_tokens"] > 0
+    for got in (loss_normalizers(batch), jax.jit(loss_normalizers)(batch)):
+        assert {k: float(v) for k, v in got.items()} == {k: float(v) for k, v in want.items()}

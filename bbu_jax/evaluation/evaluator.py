@@ -27,14 +27,16 @@ from bbu_jax.models.qwen2_5_vl import Qwen25VL
 
 @nnx.jit(static_argnames=("weights", "lm_chunk", "matcher", "top_k"))
 def eval_step(model: Qwen25VL, head: DetectionHead | None, batch: dict, caption_vocab, end_token_id, *,
-              weights: LossWeights, lm_chunk: int, matcher: str, top_k: int):
-    """(metrics {name: (sum, count)}, detections or None) for one batch."""
+              weights: LossWeights | None, lm_chunk: int, matcher: str, top_k: int):
+    """(metrics {name: (sum, count)} (empty without weights), detections or None) for one batch."""
     hidden = model(**{k: batch[k] for k in MODEL_INPUTS})
     outputs = None if head is None else head(hidden, *(batch[k] for k in HEAD_INPUTS))
-    _, metrics = multitask_loss(hidden, model.lm_head_matrix(), batch, weights, head=head,
-                                embed_table=model.embed_table(), caption_vocab=caption_vocab,
-                                detection=head is not None, lm_chunk=lm_chunk, matcher=matcher,
-                                head_outputs=outputs)
+    metrics = {}
+    if weights is not None:
+        _, metrics = multitask_loss(hidden, model.lm_head_matrix(), batch, weights, head=head,
+                                    embed_table=model.embed_table(), caption_vocab=caption_vocab,
+                                    detection=head is not None, lm_chunk=lm_chunk, matcher=matcher,
+                                    head_outputs=outputs)
     if head is None:
         return metrics, None
     return metrics, detect_from_outputs(model, head, outputs, caption_vocab, end_token_id, top_k)
@@ -42,9 +44,10 @@ def eval_step(model: Qwen25VL, head: DetectionHead | None, batch: dict, caption_
 
 def evaluate(model: Qwen25VL, head: DetectionHead | None, batches: Iterable[tuple[dict, list[list[dict]]]],
              records: Sequence[Record], tokenizer, *, caption_vocab: np.ndarray | None,
-             weights: LossWeights, lm_chunk: int, matcher: str = "scipy", top_k: int = 100,
+             weights: LossWeights | None, lm_chunk: int = 1024, matcher: str = "scipy", top_k: int = 100,
              prefix: str = "val/") -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Val losses (``{prefix}lm_loss`` ...) and, with a head, COCO metrics (``{prefix}mAP50`` ...
+    """Val losses (``{prefix}lm_loss`` ...; skipped when ``weights`` is None, e.g. when the
+    training loop computes them already) and, with a head, COCO metrics (``{prefix}mAP50`` ...
     alongside the ``head/*`` keys of ``metrics.head_metrics``) over every batch; plus one
     prediction record per sample ({"source", "id", "image", "gt", "pred"}) for reports and pictures.
     """
@@ -73,6 +76,8 @@ def evaluate(model: Qwen25VL, head: DetectionHead | None, batches: Iterable[tupl
                                 "gt": gt, "pred": pred})
     report = {f"{prefix}{name}": sums[name] / max(counts[name], 1.0) for name in sums}
     report[f"{prefix}num_samples"] = float(len(predictions))
+    if not predictions:
+        raise ValueError("evaluation saw no samples")
     if head is not None and predictions:
         coco = head_metrics([p["gt"] for p in predictions], [p["pred"] for p in predictions])
         report.update({f"{prefix}{key}": value for key, value in coco.items()})

@@ -20,7 +20,6 @@ import dataclasses
 from collections.abc import Mapping
 
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float
 
 from bbu_jax.losses.detection_loss import MatchCost, caption_loss_sums, set_loss_sums
@@ -43,15 +42,17 @@ class LossWeights:
     match: MatchCost
 
 
-def loss_normalizers(batch: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Host-side counts that normalize the total: supervised tokens, valid GT boxes, supervised
-    caption tokens of valid GT boxes. Sum them over micro-batches for gradient accumulation.
-    They equal the counts in ``multitask_loss``'s metrics whenever every valid GT gets a query
-    (Q >= M) and every caption id is in the caption vocabulary (``check_caption_ids``)."""
-    valid = np.asarray(batch["gt_valid"], bool) & np.asarray(batch["segment_valid"], bool)[..., None]
-    return {"tokens": float((np.asarray(batch["target_kind"]) > 0).sum()),
-            "boxes": float(valid.sum()),
-            "caption_tokens": float((np.asarray(batch["gt_caption_mask"], bool) & valid[..., None]).sum())}
+def loss_normalizers(batch: Mapping[str, Array]) -> dict[str, Array]:
+    """Counts that normalize the total: supervised tokens, valid GT boxes, supervised caption
+    tokens of valid GT boxes (float32 scalars; jittable, or on host batches). Sum them over
+    micro-batches for gradient accumulation. They equal the counts in ``multitask_loss``'s
+    metrics whenever every valid GT gets a query (Q >= M) and every caption id is in the caption
+    vocabulary (``check_caption_ids``)."""
+    valid = jnp.asarray(batch["gt_valid"], bool) & jnp.asarray(batch["segment_valid"], bool)[..., None]
+    return {"tokens": jnp.sum(jnp.asarray(batch["target_kind"]) > 0, dtype=jnp.float32),
+            "boxes": jnp.sum(valid, dtype=jnp.float32),
+            "caption_tokens": jnp.sum(jnp.asarray(batch["gt_caption_mask"], bool) & valid[..., None],
+                                      dtype=jnp.float32)}
 
 
 def metric_means(metrics: Mapping[str, tuple[Array, Array]]) -> dict[str, Array]:

@@ -180,18 +180,43 @@ def _local_rows(batch: Mapping[str, np.ndarray], axis: int) -> dict[str, np.ndar
 
 
 def _eval_batches(c):
+    """(batch, metas) of the val set, the first num_eval_batches of them (0: all)."""
     from bbu_jax.data.pipeline import make_eval_batches
     it = make_eval_batches(c.val_jsonl, c.hf_dir, budgets(c, rows=c.batch_rows, segments=1),
                            min_pixels=c.min_pixels, max_pixels=c.max_pixels, language=c.language,
                            skip_bad_samples=c.skip_bad_samples)
-    for i, (batch, _) in enumerate(it):
+    for i, pair in enumerate(it):
         if c.num_eval_batches and i >= c.num_eval_batches:
             return
-        yield batch
+        yield pair
 
 
-def make_eval_fn(c, built: Built, extra_eval=None):
-    """eval_fn(state, step) -> val metrics: loss terms over the val set (+ extra_eval's)."""
+def detection_eval(c, built: Built, *, num_pictures: int = 4, draw_min_score: float = 0.3):
+    """extra_eval for runs with the head: its COCO metrics on val (mAP, mAP50, per type, caption
+    accuracy) and a picture grid of ground truth vs predictions for TensorBoard."""
+    from bbu_jax.data.encode import SampleEncoder
+    from bbu_jax.data.schema import load_records
+    from bbu_jax.evaluation.evaluator import evaluate
+    from bbu_jax.evaluation.visualize import comparison_grid
+
+    records, _ = load_records(c.val_jsonl, skip_bad_samples=c.skip_bad_samples)
+    tokenizer = SampleEncoder(c.hf_dir, min_pixels=c.min_pixels, max_pixels=c.max_pixels,
+                              language=c.language).tokenizer
+
+    def fn(modules, step):
+        del step
+        report, preds = evaluate(modules["model"], modules["head"], _eval_batches(c), records, tokenizer,
+                                 caption_vocab=built.caption_vocab, weights=None, matcher=c.detection_matcher,
+                                 top_k=min(100, c.detection_num_queries), prefix="")
+        shown = [(p["image"], p["gt"], [o for o in p["pred"] if o["score"] >= draw_min_score])
+                 for p in preds[:num_pictures]]
+        return {**report, "predictions": comparison_grid(shown, panel_size=256)[None]}
+
+    return fn
+
+
+def make_eval_fn(c, built: Built, extra_evals=()):
+    """eval_fn(state, step) -> val metrics: loss terms over the val set (+ each extra_eval's)."""
     if not c.val_jsonl:
         return None
     fn = step_lib.jit_eval_step(loss_fn=built.loss_fn, count_fn=task.count_fn,
@@ -201,11 +226,13 @@ def make_eval_fn(c, built: Built, extra_eval=None):
 
     def eval_fn(state, step):
         acc = metrics_logging.SumCountAccumulator()
-        for batch in _eval_batches(c):
+        for batch, _ in _eval_batches(c):
             acc.add(jax.device_get(fn(state["params"], loop.to_global(_local_rows(batch, 0), rows), rng)))
         out = acc.averages()
-        if extra_eval is not None:
-            out.update(extra_eval(train_state.merge_modules(built.graphdefs, state["params"], built.rest), step))
+        if extra_evals:
+            modules = train_state.merge_modules(built.graphdefs, state["params"], built.rest)
+            for extra in extra_evals:
+                out.update(extra(modules, step))
         return out
 
     return eval_fn
@@ -241,8 +268,7 @@ def _train_iterator(c):
 def export_hf(c, built: Built, params, out: pathlib.Path) -> pathlib.Path:
     """HF folder for the trained model (transformers loads it) plus the detection head as
     detection_head.safetensors + detection_head_config.json (architecture + caption vocabulary)."""
-    from safetensors.numpy import save_file
-
+    from convert_weights.detection_head_files import save_detection_head
     from convert_weights.flax_to_hf import export
     replicated = jax.jit(lambda p: p, out_shardings=NamedSharding(built.mesh, P()))(params)
     host = jax.device_get(replicated)
@@ -250,30 +276,27 @@ def export_hf(c, built: Built, params, out: pathlib.Path) -> pathlib.Path:
         return out
     mods = train_state.merge_modules(built.graphdefs, host, built.rest)
     export(mods["model"], out, c.hf_dir)
-    if "head" in host:
-        flat = {opt_lib.path_str(k).replace("/", "."): np.asarray(v)
-                for k, v in jax.tree_util.tree_leaves_with_path(host["head"])}
-        tmp = out / "detection_head.safetensors.tmp"
-        save_file(flat, str(tmp))
-        os.replace(tmp, out / "detection_head.safetensors")
+    if "head" in mods:
         head_config = {"llm_hidden": built.model_config.text.hidden_size, "width": c.detection_hidden_dim,
                        "num_queries": c.detection_num_queries, "num_layers": c.detection_num_layers,
                        "num_heads": c.detection_num_heads, "mlp_dim": c.detection_mlp_dim,
-                       "caption_layers": c.detection_caption_layers, "max_caption_len": c.caption_tokens,
-                       "caption_vocab": [int(i) for i in built.caption_vocab]}
-        metrics_logging.write_json_atomic(out / "detection_head_config.json", head_config)
+                       "caption_layers": c.detection_caption_layers, "max_caption_len": c.caption_tokens}
+        save_detection_head(mods["head"], out, head_config, built.caption_vocab)
     return out
 
 
 def train(c: ml_collections.ConfigDict, *, on_step=None, extra_eval=None) -> loop.LoopResult:
     """The whole run; resumes from the newest readable checkpoint of c.workdir when there is one.
 
-    extra_eval(modules, step) -> {name: value}: more val metrics (e.g. detection mAP) computed at
+    With the head on, every evaluation also reports its COCO metrics (val/mAP50 ...) and a picture
+    grid (detection_eval). extra_eval(modules, step) -> {name: value}: more val metrics computed at
     every evaluation with the NNX modules {"model", "head"} of the current params; a value that is
     an (N, H, W, 3) uint8 array (e.g. predicted vs true boxes) is logged as an image grid.
     """
     workdir = pathlib.Path(c.workdir)
     built = build(c)
+    extra_evals = [f for f in (detection_eval(c, built) if c.detection_enabled and c.val_jsonl else None,
+                               extra_eval) if f is not None]
     total_steps = config_lib.num_train_steps(c, _count_lines(c.train_jsonl))
     scale = opt_lib.lr_scale(c.lr_scaling, opt_lib.effective_batch_size(
         c.batch_rows, c.grad_accum_steps, c.collator, c.segments_per_row), c.lr_reference_batch)
@@ -325,7 +348,7 @@ def train(c: ml_collections.ConfigDict, *, on_step=None, extra_eval=None) -> loo
             batch_sharding=step_lib.accumulated_batch_sharding(built.mesh), data_iterator=data_it,
             checkpointer=ckpt, logger=logger, start_step=start, total_steps=total_steps,
             log_every=c.log_every, checkpoint_every=c.checkpoint_every, eval_every=c.eval_every,
-            eval_fn=make_eval_fn(c, built, extra_eval), max_consecutive_nonfinite=c.max_consecutive_nonfinite,
+            eval_fn=make_eval_fn(c, built, extra_evals), max_consecutive_nonfinite=c.max_consecutive_nonfinite,
             lr_fns=schedules, step_flops=step_flops,
             peak_flops=c.peak_tflops_per_device * 1e12 * jax.device_count(),
             token_count=lambda h: int((h["segment_ids"] > 0).sum()) * jax.process_count(),

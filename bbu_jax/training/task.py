@@ -1,5 +1,5 @@
 """The product's training task: Qwen2.5-VL + detection head + multi-task loss, in the protocol
-of step.py (count_fn, loss_fn). The one place where the model, the head and the losses meet."""
+of step.py (count_fn = losses.loss_normalizers, loss_fn). The one place where the model, the head and the losses meet."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,13 +11,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from bbu_jax.losses import LossWeights, MatchCost, multitask_loss
+from bbu_jax.data.batch import MODEL_INPUTS
+from bbu_jax.losses import LossWeights, MatchCost, loss_normalizers, multitask_loss
 from bbu_jax.models.detection_head import DetectionHead
 from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig, from_hf
 from bbu_jax.training import sharding, train_state
 
-MODEL_INPUTS = ("input_ids", "positions", "segment_ids", "patches", "patch_pos", "patch_window_ids",
-                "patch_image_ids", "vision_token_index")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -54,15 +53,6 @@ def param_shardings(modules: Mapping[str, nnx.Module], mesh: Mesh):
     """Pure-dict tree of NamedShardings matching train_state.split_modules' params."""
     return {name: nnx.to_pure_dict(sharding.param_shardings(nnx.state(m, nnx.Param), mesh))
             for name, m in modules.items()}
-
-
-def count_fn(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Jittable twin of bbu_jax.losses.loss_normalizers (the units each loss term averages over)."""
-    valid = batch["gt_valid"].astype(bool) & batch["segment_valid"].astype(bool)[..., None]
-    return {"tokens": jnp.sum(batch["target_kind"] > 0).astype(jnp.float32),
-            "boxes": jnp.sum(valid).astype(jnp.float32),
-            "caption_tokens": jnp.sum(batch["gt_caption_mask"].astype(bool) & valid[..., None]
-                                      ).astype(jnp.float32)}
 
 
 def make_loss_fn(graphdefs, rest, *, weights: LossWeights, caption_vocab: np.ndarray | None,
@@ -111,3 +101,6 @@ def model_flops_terms(cfg: Qwen25VLConfig, params) -> dict[str, int]:
     return {"llm_params": llm, "vision_params": vision, "head_params": count(params.get("head", {})),
             "llm_layers": cfg.text.num_hidden_layers, "llm_width": cfg.text.hidden_size,
             "vision_layers": cfg.vision.depth, "vision_width": cfg.vision.hidden_size}
+
+
+count_fn = loss_normalizers  # the units each loss term averages over (step.py's protocol)
