@@ -77,3 +77,22 @@ def test_decoder_layer_kv_cache_matches_full_sequence():
                            jnp.int32(t), kv_seg)
         outs.append(out)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal,local_window", [(True, None), (False, 6), (True, 6)])
+def test_blocked_xla_attention_matches_reference(causal, local_window):
+    """Long enough for several query blocks (the "xla" kernel skips keys a block cannot see):
+    packed segments, windows (contiguous runs of <= local_window rows) and padding."""
+    q, k, v = qkv(b=2, l=300, hq=4, hkv=2, d=8, seed=1)
+    rng = np.random.default_rng(0)
+    seg = np.zeros((2, 300), np.int32)
+    for row in seg:  # runs of 1..local_window (or up to 80) rows, then padding
+        pos, sid = 0, 1
+        while pos < 280:
+            n = int(rng.integers(1, (local_window or 80) + 1))
+            row[pos:pos + n] = sid
+            pos, sid = pos + n, sid + 1
+    seg = jnp.asarray(seg)
+    fn = jax.jit(attention, static_argnames=("causal", "implementation", "local_window"))
+    out = fn(q, k, v, seg, seg, causal=causal, implementation="xla", local_window=local_window)
+    np.testing.assert_allclose(np.asarray(out), reference(q, k, v, seg, causal), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,8 @@
 
 Input patches are already in window order (``host.vision_layout``), so the tower needs no gather:
 window blocks and full-attention blocks differ only in which segment ids (``patch_window_ids`` or
-``patch_image_ids``) mask the attention, selected per layer inside one ``nnx.scan``. The merger
+``patch_image_ids``) mask the attention, selected per layer (``lax.cond``) inside one ``nnx.scan``;
+window layers only score keys within one window's reach of each query block. The merger
 groups 4 consecutive rows (one 2x2 merge block); its output stays in window order and the composed
 model gathers it into the text with ``vision_token_index``.
 """
@@ -37,13 +38,22 @@ class VisionAttention(nnx.Module):
         self.qkv = Dense(cfg.hidden_size, 3 * cfg.hidden_size, axes=("embed", "heads"), **kw)
         self.proj = Dense(cfg.hidden_size, cfg.hidden_size, axes=("heads", "embed"), **kw)
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.window_patches = (cfg.window_size // cfg.patch_size) ** 2  # 8 x 8 patches (4 x 4 merged)
         self.implementation = implementation
 
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, window_ids, image_ids, is_full):
+        """Attention within each image (``is_full``) or each window: a window is a contiguous run
+        of at most ``window_patches`` rows, which lets the kernel skip the keys outside it."""
         b, p, _ = x.shape
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, p, 3, self.num_heads, self.head_dim), 2, 0)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v, segment_ids, segment_ids, causal=False, implementation=self.implementation)
+
+        def attend(segment_ids, local_window):
+            return attention(q, k, v, segment_ids, segment_ids, causal=False, implementation=self.implementation,
+                             local_window=local_window)
+
+        out = jax.lax.cond(is_full, lambda: attend(image_ids, None),
+                           lambda: attend(window_ids, self.window_patches))
         return self.proj(out.reshape(b, p, -1))
 
 
@@ -57,8 +67,8 @@ class VisionBlock(nnx.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=True,
                             rngs=rngs, compute_dtype=compute_dtype, param_dtype=param_dtype)
 
-    def __call__(self, x, cos, sin, segment_ids):
-        x = x + self.attn(self.norm1(x), cos, sin, segment_ids).astype(jnp.float32)
+    def __call__(self, x, cos, sin, window_ids, image_ids, is_full):
+        x = x + self.attn(self.norm1(x), cos, sin, window_ids, image_ids, is_full).astype(jnp.float32)
         return x + self.mlp(self.norm2(x)).astype(jnp.float32)
 
 
@@ -109,7 +119,7 @@ class VisionTower(nnx.Module):
         full[list(self.cfg.fullatt_block_indexes)] = True
 
         def body(x, block, is_full):
-            return block(x, cos, sin, jnp.where(is_full, image_ids, window_ids))
+            return block(x, cos, sin, window_ids, image_ids, is_full)
 
         if self.remat != "none":
             body = nnx.remat(body, policy=remat_policy(self.remat))

@@ -1,0 +1,39 @@
+"""benchmarks/mfu.py runs end to end at its tiny size (same code as the 3B GPU run) and prints its
+headline; the FLOP count it reports against is checked by hand on a small case."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mfu_tiny_prints_headline():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mfu.py"), "--tiny", "--no-record"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"mfu: (\d+(?:\.\d+)?)% of \S+ TFLOP/s \(.+\), (\d+) tokens/s/device", last)
+    assert m, last
+    assert 0 < float(m.group(1)) < 100 and int(m.group(2)) > 0
+    losses = re.search(r"losses\s+(.+)", out.stdout).group(1).split()
+    assert len(losses) >= 2 and float(losses[-1]) < float(losses[0])  # the optimizer moved the loss
+
+
+def test_step_flops_by_hand():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.mfu import step_flops, tiny_config
+
+    cfg = tiny_config()
+    t, v = cfg.text, cfg.vision
+    # one row: one 10-token segment, one 8x8-patch image (exactly one 64-patch window)
+    got = step_flops(cfg, segments=[[10]], images=[[(1, 8, 8)]])
+    text = t.num_hidden_layers * (64 * (64 + 32 + 32 + 64) + 3 * 64 * 128)  # q, k, v, o; mlp
+    fwd = 2 * 10 * (text + 640 * 64) + 4 * t.num_hidden_layers * 4 * 16 * 55
+    vis = 1176 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64)
+    fwd += 2 * 64 * vis + 2 * 16 * (128 * 128 + 128 * 64) + 4 * 32 * 2 * 64 * 64
+    assert got == pytest.approx(3 * fwd)
