@@ -37,29 +37,29 @@ def get_config() -> ml_collections.ConfigDict:
     c.synthetic_teacher_pool_size = 8
     c.language = "en"
     c.min_pixels = 3136
-    c.max_pixels = 12544  # 112x112 images: 64 patches, 16 image tokens
+    c.max_pixels = 50176  # 224x224 images: 256 patches, 64 image tokens (112x112 was too coarse for boxes)
 
-    c.batch_rows = 4
+    c.batch_rows = 2  # more, smaller steps learn faster at this size
     c.token_budget = 1024
-    c.patch_budget = 256
+    c.patch_budget = 1024  # two samples with a demonstration each
     c.segments_per_row = 2
     c.max_objects = 8
     c.caption_tokens = 24
-    c.vision_memory_tokens = 32
+    c.vision_memory_tokens = 64
     c.text_memory_tokens = 64
 
     c.vision_lr = 1e-4
-    c.merger_lr = 1e-3
-    c.llm_lr = 1e-3
+    c.merger_lr = 2e-3
+    c.llm_lr = 2e-3
     c.detection_lr = 1e-3
     c.adapter_lr = 1e-3
     c.lr_scaling = "none"
     c.warmup_steps = 10
-    c.num_train_steps = 120
+    c.num_train_steps = 400
     c.log_every = 10
-    c.eval_every = 0  # evaluate once, at the end
+    c.eval_every = 200
     c.num_eval_batches = 0
-    c.checkpoint_every = 60
+    c.checkpoint_every = 200
     c.keep_checkpoints = 2
 
     c.detection_num_queries = 16

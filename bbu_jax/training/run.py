@@ -43,6 +43,23 @@ def prepare_assets(c: ml_collections.ConfigDict) -> None:
                         val_ratio=c.synthetic_val_ratio, teacher_pool_size=c.synthetic_teacher_pool_size,
                         seed=c.seed, language=c.language, desc_map_path=os.path.join(raw, "desc_map.json"),
                         num_workers=0, progress=False)
+    check_data_pixels(c)
+
+
+def check_data_pixels(c: ml_collections.ConfigDict) -> None:
+    """The pixel limits the data were converted with must be the model's: images were resized and
+    boxes rescaled for them (scripts/convert_dataset.py records them in summary.json)."""
+    import json
+    summary = os.path.join(os.path.dirname(os.path.abspath(c.train_jsonl)), "summary.json")
+    if not os.path.exists(summary):
+        return
+    with open(summary, encoding="utf-8") as f:
+        params = json.load(f).get("params", {})
+    for key in ("min_pixels", "max_pixels"):
+        if key in params and params[key] != c[key]:
+            raise ValueError(f"{summary}: the data were converted with {key}={params[key]} but config.{key}="
+                             f"{c[key]}; convert them again with the config's limits (or delete the "
+                             f"folder when it is the demo's synthetic data)")
 
 
 def budgets(c: ml_collections.ConfigDict, *, rows: int, segments: int):
