@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class RecordError(ValueError):
@@ -130,16 +132,23 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
                 yield f"{path}:{n}", line
 
 
+def load_jsonl(path: str | os.PathLike, parse: Callable[[Any, str, str], T], *, skip_bad: bool = False
+               ) -> tuple[list[T], list[str]]:
+    """parse(raw, root folder, "FILE:LINE") of every line, plus the errors of skipped lines
+    (RecordError raises on the first bad line unless ``skip_bad``)."""
+    root = os.path.dirname(os.path.abspath(path))
+    items, errors = [], []
+    for source, line in iter_lines(path):
+        try:
+            items.append(parse(decode_line(line, source), root, source))
+        except RecordError as e:
+            if not skip_bad:
+                raise
+            errors.append(str(e))
+    return items, errors
+
+
 def load_records(path: str | os.PathLike, *, skip_bad_samples: bool = False
                  ) -> tuple[list[Record], list[str]]:
     """All records of a JSONL file plus the errors of skipped ones (raises on the first when not skipping)."""
-    root = os.path.dirname(os.path.abspath(path))
-    records, errors = [], []
-    for source, line in iter_lines(path):
-        try:
-            records.append(parse_record(decode_line(line, source), root, source))
-        except RecordError as e:
-            if not skip_bad_samples:
-                raise
-            errors.append(str(e))
-    return records, errors
+    return load_jsonl(path, parse_record, skip_bad=skip_bad_samples)

@@ -35,7 +35,7 @@ from jaxtyping import UInt8
 from PIL import Image, ImageDraw, ImageFont
 
 from bbu_jax.data.desc import normalize_desc
-from bbu_jax.data.schema import RecordError, decode_line, iter_lines, parse_record
+from bbu_jax.data.schema import RecordError, load_jsonl, parse_record
 from bbu_jax.evaluation.metrics import box_iou, greedy_match
 
 GREEN, ORANGE, RED = (40, 180, 60), (245, 150, 20), (220, 40, 40)
@@ -192,16 +192,7 @@ def load_records(jsonl_path: str | os.PathLike, *, skip_errors: bool = False
 
     Raises RecordError('FILE:LINE: reason') on a bad line unless ``skip_errors``.
     """
-    root = os.path.dirname(os.path.abspath(jsonl_path))
-    records, errors = [], []
-    for source, line in iter_lines(jsonl_path):
-        try:
-            records.append(_record(decode_line(line, source), root, source))
-        except RecordError as e:
-            if not skip_errors:
-                raise
-            errors.append(str(e))
-    return records, errors
+    return load_jsonl(jsonl_path, _record, skip_bad=skip_errors)
 
 
 def write_visualizations(records: Sequence[VisualRecord], output_dir: str | os.PathLike, *,
