@@ -18,6 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the transformers reference
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
@@ -29,7 +30,7 @@ from PIL import Image  # noqa: E402
 from benchmarks._common import record  # noqa: E402
 from bbu_jax.inference.generate import generate_tokens, pad_prompts, round_up  # noqa: E402
 from bbu_jax.models.qwen2_5_vl import from_hf, host  # noqa: E402
-from bbu_jax.testing import hf_reference  # noqa: E402
+import hf_reference  # noqa: E402
 from bbu_jax.testing.tiny_hf import write_tiny_qwen2_5_vl  # noqa: E402
 
 PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"

@@ -36,7 +36,7 @@ def test_roundtrip_identical_tensors_and_transformers_loads(tiny_hf_dir, roundtr
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from bbu_jax.testing.hf_reference import processor_inputs, torch_logits
+    from hf_reference import processor_inputs, torch_logits
 
     src, out = _weights(tiny_hf_dir), _weights(roundtrip / "hf")
     assert sorted(src) == sorted(out)

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from bbu_jax.data.schema import Example, Obj
 from bbu_jax.inference.generate import cut_at_stop, generate, generate_tokens, pad_prompts
 from bbu_jax.models.qwen2_5_vl import from_hf, host
-from bbu_jax.testing import hf_reference
+import hf_reference
 
 torch = pytest.importorskip("torch")
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from bbu_jax.models.qwen2_5_vl import from_hf, hf_forward, host
-from bbu_jax.testing import hf_reference
+import hf_reference
 
 pytest.importorskip("torch")
 

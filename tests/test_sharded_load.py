@@ -6,7 +6,7 @@ from flax import nnx
 from PIL import Image
 
 from bbu_jax.models.qwen2_5_vl import from_hf, hf_forward
-from bbu_jax.testing import hf_reference
+import hf_reference
 from bbu_jax.training import sharding
 
 

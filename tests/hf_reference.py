@@ -1,4 +1,5 @@
-"""transformers-side inputs for parity tests, built the way Qwen2_5_VLProcessor builds them.
+"""transformers-side inputs for parity tests (and benchmarks/generate.py), built the way
+Qwen2_5_VLProcessor builds them. Lives under tests/: it imports torch, which the product never does.
 
 Qwen2_5_VLProcessor itself cannot be constructed without torchvision (its video processor needs
 it), which has no CPU build next to torch 2.13 here. Its image path is only: the image processor
