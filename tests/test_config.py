@@ -50,7 +50,7 @@ def _bad(mutate):
     (lambda c: c.update(adam_b2=1.0), "adam_b2: must be in [0, 1)"),
     (lambda c: c.update(num_train_steps=0, num_epochs=0), "both 0"),
     (lambda c: c.update(collator="standard"), "segments_per_row must be 1"),
-    (lambda c: c.update(warmup_steps=500), "warmup_steps=500 must be < num_train_steps"),
+    (lambda c: c.update(num_train_steps=100, warmup_steps=500), "warmup_steps=500 must be < num_train_steps"),
     (lambda c: c.update(mesh_fsdp=4, batch_rows=6), "batch_rows=6 must be divisible"),
     (lambda c: c.update(detection_hidden_dim=66), "divisible by detection_num_heads"),
     (lambda c: c.update(vision_lr=0.0, merger_lr=0.0, llm_lr=0.0, detection_lr=0.0, adapter_lr=0.0),
