@@ -159,14 +159,14 @@ def lm_train_step(graphdef, rest, tx, *, lm_chunk: int):
     import optax
     from flax import nnx
 
-    from bbu_jax.losses.lm_loss import lm_loss_sums
+    from bbu_jax.losses.lm_loss import lm_loss
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params, rest)
         hidden = model(**{k: batch[k] for k in MODEL_INPUTS})
-        total, count = lm_loss_sums(hidden, model.lm_head_matrix(), batch["targets"], batch["target_kind"],
-                                    chunk=lm_chunk)["lm_loss"]
-        return total / jnp.maximum(count, 1.0)
+        count = jnp.sum(batch["target_kind"] > 0, dtype=jnp.float32)
+        return lm_loss(hidden, model.lm_head_matrix(), batch["targets"], batch["target_kind"], chunk=lm_chunk,
+                       scale=1.0 / jnp.maximum(count, 1.0), compute_dtype=model.compute_dtype)[0]
 
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)

@@ -36,7 +36,7 @@ def eval_step(model: Qwen25VL, head: DetectionHead | None, batch: dict, caption_
         _, metrics = multitask_loss(hidden, model.lm_head_matrix(), batch, weights, head=head,
                                     embed_table=model.embed_table(), caption_vocab=caption_vocab,
                                     detection=head is not None, lm_chunk=lm_chunk, matcher=matcher,
-                                    head_outputs=outputs)
+                                    head_outputs=outputs, compute_dtype=model.compute_dtype)
     if head is None:
         return metrics, None
     return metrics, detect_from_outputs(model, head, outputs, caption_vocab, end_token_id, top_k)

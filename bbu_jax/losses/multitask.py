@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from bbu_jax.losses.detection_loss import MatchCost, caption_loss_sums, set_loss_sums
-from bbu_jax.losses.lm_loss import lm_loss_sums
+from bbu_jax.losses.lm_loss import lm_loss
 from bbu_jax.models.detection_head import DetectionHead
 
 HEAD_INPUTS = ("det_vision_index", "det_vision_mask", "det_vision_pos", "det_text_index",
@@ -64,23 +64,25 @@ def multitask_loss(hidden: Float[Array, "b l d"], lm_head: Float[Array, "v d"],
                    head: DetectionHead | None = None, embed_table: Float[Array, "v d"] | None = None,
                    caption_vocab: Array | None = None, detection: bool, lm_chunk: int,
                    matcher: str = "scipy", normalizers: Mapping[str, Array] | None = None,
-                   head_outputs: Mapping[str, Array] | None = None
+                   head_outputs: Mapping[str, Array] | None = None, compute_dtype=jnp.float32
                    ) -> tuple[Array, dict[str, tuple[Array, Array]]]:
-    """Weighted total loss and {name: (sum, count)} metrics. Jittable and differentiable
-    w.r.t. ``hidden``, ``lm_head``, ``embed_table`` and the head's parameters.
+    """Weighted total loss and {name: (sum, count)} metrics. Jittable; the total is differentiable
+    w.r.t. ``hidden``, ``lm_head``, ``embed_table`` and the head's parameters (the LM metrics are
+    values: ``lm_loss`` computes its gradient in the forward pass for the total only).
 
     ``head_outputs``: the result of ``head(hidden, ...)`` when the caller already has it (e.g. an
     evaluation step that also decodes predictions); otherwise the head is run here. The head
-    module is needed either way for the caption decoder.
+    module is needed either way for the caption decoder. ``compute_dtype``: the LM head's matmuls.
     """
-    metrics = dict(lm_loss_sums(hidden, lm_head, batch["targets"], batch["target_kind"], chunk=lm_chunk))
     norm = dict(normalizers or {})
-    norm.setdefault("tokens", metrics["lm_loss"][1])
+    norm.setdefault("tokens", jnp.sum(jnp.asarray(batch["target_kind"]) > 0, dtype=jnp.float32))
 
     def mean(total, key):
         return total / jnp.maximum(norm[key], 1.0)
 
-    total = weights.lm * mean(metrics["lm_loss"][0], "tokens")
+    total, lm_metrics = lm_loss(hidden, lm_head, batch["targets"], batch["target_kind"], chunk=lm_chunk,
+                                scale=weights.lm / jnp.maximum(norm["tokens"], 1.0), compute_dtype=compute_dtype)
+    metrics = dict(lm_metrics)
     if not detection:
         return total, metrics
     if head is None or embed_table is None or caption_vocab is None:

@@ -84,14 +84,18 @@ def _blocked_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, q_offs
         if local_window is not None and static_offset:
             lo = max(0, q_offset + start - local_window + 1)
             hi = min(hi, q_offset + stop + local_window - 1)
+        rows, keys = stop - start, hi - lo
         mask = attention_mask(q_segment_ids[:, start:stop], kv_segment_ids[:, lo:hi], causal=causal,
                               q_offset=q_offset + start - lo)
-        logits = jnp.einsum("bhgqd,bhkd->bhgqk", qt[:, :, :, start:stop], kt[:, :, lo:hi],
-                            preferred_element_type=jnp.float32) * scale
-        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhgqk,bhkd->bqhgd", weights.astype(v.dtype), vt[:, :, lo:hi],
-                         preferred_element_type=jnp.float32)
+        # the g query heads of a kv head as one axis of g x rows: each product (and its gradients)
+        # contracts a single axis, which XLA's CPU dots read in place without transposed copies
+        qb = qt[:, :, :, start:stop].reshape(b, hkv, g * rows, d)
+        logits = jnp.einsum("bhnd,bhkd->bhnk", qb, kt[:, :, lo:hi], preferred_element_type=jnp.float32) * scale
+        logits = jnp.where(mask[:, None, None], logits.reshape(b, hkv, g, rows, keys), jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).reshape(b, hkv, g * rows, keys)
+        out = jnp.einsum("bhnk,bhkd->bhnd", weights.astype(v.dtype), vt[:, :, lo:hi],
+                         preferred_element_type=jnp.float32).reshape(b, hkv, g, rows, d)
+        out = out.transpose(0, 3, 1, 2, 4)  # b q h g d
         outs.append(jnp.where(mask.any(-1)[:, :, None, None, None], out, 0))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     return out.reshape(b, lq, hq, d).astype(q.dtype)

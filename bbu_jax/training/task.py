@@ -69,7 +69,7 @@ def make_loss_fn(graphdefs, rest, *, weights: LossWeights, caption_vocab: np.nda
         return multitask_loss(hidden, model.lm_head_matrix(), batch, weights,
                               head=mods.get("head"), embed_table=model.embed_table(),
                               caption_vocab=vocab, detection=detection, lm_chunk=lm_chunk,
-                              matcher=matcher, normalizers=counts)
+                              matcher=matcher, normalizers=counts, compute_dtype=model.compute_dtype)
 
     return loss_fn
 

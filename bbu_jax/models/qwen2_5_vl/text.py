@@ -62,8 +62,12 @@ class Dense(nnx.Module):
         self.compute_dtype = compute_dtype
 
     def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:
-        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype),
-                    preferred_element_type=jnp.float32)
+        # As a 2D product: the kernel's gradient then contracts one token axis, which XLA's CPU dot
+        # reads in place; contracting (batch, length) made it write a transposed copy of dy first.
+        lead = x.shape[:-1]
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.compute_dtype),
+                    self.kernel[...].astype(self.compute_dtype), preferred_element_type=jnp.float32)
+        y = y.reshape(*lead, y.shape[-1])
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.compute_dtype)
