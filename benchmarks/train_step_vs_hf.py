@@ -5,8 +5,10 @@ rows of 1024 tokens, one 448x448 image (1024 patches -> 256 image tokens) per ro
 the last 512 tokens of each row. A full step = forward, backward, AdamW update (lr 1e-5, weight
 decay 0.01, same on both sides), all parameters trained, float32.
 
-  bbu_jax       from_hf + model + chunked lm_loss_sums + optax.adamw, one jax.jit with the
-                params and optimizer state donated (XLA's default CPU threads).
+  bbu_jax       the product's train step as scripts/train.py builds it (task.build_modules,
+                task.make_loss_fn with the head off, optimizer.make_optimizer with one lr for
+                every group and no clipping, step.jit_train_step: NaN guard, per-group norms),
+                state donated, XLA's default CPU threads.
   transformers  Qwen2_5_VLForConditionalGeneration.from_pretrained(attn_implementation="sdpa",
                 float32), model(**inputs, labels=...).loss.backward(), torch.optim.AdamW.
 
@@ -101,36 +103,56 @@ def matmul_gflops(matmul, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(times[1:]) / 1e9
 
 
-def jax_worker(hf_dir: Path, inputs: dict[str, np.ndarray], lm_chunk: int):
+def jax_worker(hf_dir: Path, inputs: dict[str, np.ndarray], lm_chunk: int, scan_layers: bool):
     import jax
     import jax.numpy as jnp
-    import optax
-    from flax import nnx
 
-    from benchmarks.mfu import lm_train_step
-    from bbu_jax.models.qwen2_5_vl import from_hf, host
+    from bbu_jax.data.batch import FIELDS, expected_shapes
+    from bbu_jax.models.qwen2_5_vl import host
+    from bbu_jax.training import optimizer, sharding, task, train_state
+    from bbu_jax.training import step as step_lib
 
-    model = from_hf(hf_dir)
-    cfg = model.config
+    mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
+    modules = task.build_modules(str(hf_dir), param_dtype=jnp.float32, compute_dtype=jnp.float32, remat="none",
+                                 attention_impl="xla", head=None, seed=0, mesh=mesh, scan_layers=scan_layers)
+    cfg = modules["model"].config
+    graphdefs, params, rest = train_state.split_modules(modules)
+    weights = task.loss_weights(lm=1.0, detection=0.0, bbox_l1=0, bbox_giou=0, objectness=0, caption=0,
+                                match_class=0, match_bbox=0, match_giou=0, focal_alpha=0.25, focal_gamma=2)
+    loss_fn = task.make_loss_fn(graphdefs, rest, weights=weights, caption_vocab=None, lm_chunk=lm_chunk,
+                                matcher="scipy")
+    tx, _ = optimizer.make_optimizer(params, lrs={g: LR for g in optimizer.GROUPS}, warmup_steps=0,
+                                     total_steps=10**6, min_lr_ratio=1.0, weight_decay=WEIGHT_DECAY, b1=0.9,
+                                     b2=0.999, eps=1e-8, grad_clip_norm=0.0, head_freeze_steps=0)
+    labels = optimizer.group_labels(params)
+    abstract = train_state.abstract_state(params, tx, 0)
+    shardings = train_state.state_shardings(abstract, task.param_shardings(modules, mesh), mesh)
+    state = [train_state.create_state(params, tx, 0, shardings)]
+    del modules, params
+
+    # the batch contract: model inputs from the HF processor's arrays, targets from its labels,
+    # an empty detection part (one segment, no objects)
+    rows, length = inputs["input_ids"].shape
     batch = host.prepare_hf_batch(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                   inputs["image_grid_thw"], image_token_id=cfg.image_token_id,
                                   vision_start_token_id=cfg.vision_start_token_id)
-    labels = inputs["labels"]
-    batch["targets"] = np.pad(np.maximum(labels[:, 1:], 0), ((0, 0), (0, 1))).astype(np.int32)
-    batch["target_kind"] = np.pad(2 * (labels[:, 1:] >= 0), ((0, 0), (0, 1))).astype(np.int8)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=WEIGHT_DECAY)
-    opt_state = tx.init(params)
-    train_step = lm_train_step(graphdef, rest, tx, lm_chunk=lm_chunk)
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
+    labels_hf = inputs["labels"]
+    batch["targets"] = np.pad(np.maximum(labels_hf[:, 1:], 0), ((0, 0), (0, 1))).astype(np.int32)
+    batch["target_kind"] = np.pad(2 * (labels_hf[:, 1:] >= 0), ((0, 0), (0, 1))).astype(np.int8)
+    dims = dict(B=rows, L=length, P=batch["patches"].shape[1], S=1, M=1, C=1, NV=1, NT=1)
+    for name, shape in expected_shapes(dims).items():
+        batch.setdefault(name, np.zeros(shape, FIELDS[name][1]))
+    batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}  # one micro-batch
+    train_step = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=task.count_fn, tx=tx, labels=labels,
+                                         state_shardings=shardings, mesh=mesh)
+    compiled = train_step.lower(state[0], batch).compile()
     mem = compiled.memory_analysis()
-    state = [params, opt_state]
 
     def step() -> float:
-        state[0], state[1], loss = compiled(state[0], state[1], batch)
-        jax.block_until_ready(state)
-        return float(loss)
+        state[0], out = compiled(state[0], batch)
+        jax.block_until_ready(state[0])
+        total, count = out["metrics"]["loss"]
+        return float(total / count)
 
     a = jnp.asarray(np.random.default_rng(1).standard_normal((2048, 2048), dtype=np.float32))
     mm = jax.jit(lambda x: x @ x)
@@ -166,7 +188,7 @@ def serve(side: str, workdir: Path, args) -> None:
     """Worker loop: 'step' -> {seconds, loss}; 'peak' starts the peak window; 'done' -> figures."""
     inputs = dict(np.load(workdir / "inputs.npz"))
     hf_dir = workdir / "hf"
-    step, matmul, extra = (jax_worker(hf_dir, inputs, args.lm_chunk) if side == "bbu_jax"
+    step, matmul, extra = (jax_worker(hf_dir, inputs, args.lm_chunk, args.scan_layers) if side == "bbu_jax"
                            else torch_worker(hf_dir, inputs, args.torch_threads))
     out = sys.stdout
     sys.stdout = sys.stderr  # library chatter must not reach the protocol pipe
@@ -219,7 +241,10 @@ def main() -> None:
     p.add_argument("--supervised", type=int, default=512, help="labelled tokens at the end of each row")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--lm_chunk", type=int, default=1024, help="bbu_jax LM-loss chunk (tokens)")
+    p.add_argument("--scan_layers", action="store_true",
+                   help="bbu_jax: keep the layer loops as scans (default: unrolled, the faster CPU setting here)")
     p.add_argument("--torch_threads", type=int, default=2)
+    p.add_argument("--pause", type=float, default=3.0, help="seconds between steps (idle threads settle)")
     p.add_argument("--no-record", dest="record", action="store_false")
     p.add_argument("--worker", choices=("bbu_jax", "transformers"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -232,7 +257,8 @@ def main() -> None:
     from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig
     from bbu_jax.testing.tiny_hf import write_tiny_qwen2_5_vl
 
-    passthrough = ["--lm_chunk", str(args.lm_chunk), "--torch_threads", str(args.torch_threads)]
+    passthrough = ["--lm_chunk", str(args.lm_chunk), "--torch_threads", str(args.torch_threads),
+                   *(["--scan_layers"] if args.scan_layers else [])]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_tiny_qwen2_5_vl(work / "hf", seed=0, vocab_size=args.vocab, **OVERRIDES)
@@ -246,6 +272,7 @@ def main() -> None:
                 for w in workers:
                     w.ask("peak")
             for w in workers if i % 2 == 0 else workers[::-1]:
+                time.sleep(args.pause)  # the other side's trailing work (freeing its buffers) is done
                 r = w.ask("step")
                 losses[w.side].append(r["loss"])
                 if i >= args.warmup:
@@ -255,6 +282,7 @@ def main() -> None:
             w.proc.wait()
         cfg = Qwen25VLConfig.from_file(work / "hf" / "config.json")
 
+    print("step times in order:", {k: [round(t, 2) for t in v] for k, v in times.items()})
     grid = IMAGE_SIDE // PATCH
     flops = step_flops(cfg, segments=[[args.tokens]] * args.rows, images=[[grid * grid]] * args.rows)
     for side in times:
@@ -269,7 +297,8 @@ def main() -> None:
 
     print(f"Qwen2.5-VL text 512x4 (vocab {args.vocab}), vision 256x4, batch {args.rows} x {args.tokens} tokens, "
           f"one {IMAGE_SIDE}x{IMAGE_SIDE} image per row, f32; {os.cpu_count()} cpus, "
-          f"torch threads {pt['torch_threads']}, XLA default threads; {args.steps} alternating steps")
+          f"torch threads {pt['torch_threads']}, XLA default threads; bbu_jax layers "
+          f"{'scanned' if args.scan_layers else 'unrolled'}; {args.steps} alternating steps, {args.pause:g} s apart")
     print(f"model FLOPs per step {flops / 1e9:.1f} GFLOP; first-step loss rel. difference {loss_rel:.1e}")
     print(f"{'':13} {'median s':>9} {'min s':>7} {'max s':>7} {'GFLOP/s':>8} {'matmul GFLOP/s':>15} "
           f"{'of matmul':>9} {'step peak MiB':>14} {'peak RSS MiB':>13}")
@@ -289,7 +318,8 @@ def main() -> None:
     record("train_step_vs_hf", headline, config={"text": "512x4", "vision": "256x4", "vocab": args.vocab,
                                                   "rows": args.rows, "tokens": args.tokens,
                                                   "image": IMAGE_SIDE, "supervised": args.supervised},
-           steps=args.steps, lm_chunk=args.lm_chunk, model_gflop_per_step=flops / 1e9,
+           steps=args.steps, lm_chunk=args.lm_chunk, scan_layers=args.scan_layers, pause_s=args.pause,
+           step_times=times, model_gflop_per_step=flops / 1e9,
            first_loss_rel_diff=loss_rel, ratio=ratio, min_ratio=min_ratio,
            load_average=os.getloadavg()[0], **figures)
 

@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.param_dtype = "float32"  # master weights
     c.compute_dtype = "bfloat16"  # matmul dtype; norms, softmax and losses stay float32
     c.remat_policy = "full"  # none | full | a jax.checkpoint_policies name (decoder/vision blocks)
+    c.scan_layers = True  # False unrolls the layer loops: faster small-model CPU steps, compile grows with depth
     c.attention_impl = "cudnn"  # xla | jax | cudnn (flash attention with segment masks on GPU)
 
     # --- data ---

@@ -103,3 +103,13 @@ def test_bf16_compute_error(tiny_hf_dir, jax_model):
     err = rel_err(out, ref)
     print(f"bf16 compute vs f32: logits max rel err {err:.2e}, max abs {np.abs(out - ref).max():.3e}")
     assert np.isfinite(out).all() and err < 0.1
+
+
+def test_unrolled_layers_match(tiny_hf_dir, torch_model):
+    """scan_layers=False (unrolled layer loops) computes the same model."""
+    texts, images, side = CASES["two_images"]
+    inputs = hf_reference.processor_inputs(tiny_hf_dir, texts, images, padding_side=side)
+    ref = reference_logits(torch_model, inputs)
+    err = rel_err(hf_forward(from_hf(tiny_hf_dir, scan_layers=False), **inputs), ref, inputs["attention_mask"])
+    print(f"unrolled: logits max rel err {err:.2e}")
+    assert err <= TOL

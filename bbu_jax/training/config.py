@@ -66,6 +66,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], str | None]]] = {
     "param_dtype": (str, _choice(DTYPES)),
     "compute_dtype": (str, _choice(DTYPES)),
     "remat_policy": (str, _remat),
+    "scan_layers": (bool, _any),
     "attention_impl": (str, _choice(ATTENTION_IMPLS)),
     "train_jsonl": (str, lambda v: None if v else "must not be empty"),
     "val_jsonl": (str, _any),

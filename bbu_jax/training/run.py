@@ -175,7 +175,8 @@ def build(c: ml_collections.ConfigDict) -> Built:
                              max_caption_len=c.caption_tokens)
     modules = task.build_modules(c.hf_dir, param_dtype=task.DTYPES[c.param_dtype],
                                  compute_dtype=task.DTYPES[c.compute_dtype], remat=c.remat_policy,
-                                 attention_impl=c.attention_impl, head=head, seed=c.seed, mesh=mesh)
+                                 attention_impl=c.attention_impl, head=head, seed=c.seed, mesh=mesh,
+                                 scan_layers=c.scan_layers)
     shardings = task.param_shardings(modules, mesh)
     model_config = modules["model"].config
     graphdefs, params, rest = train_state.split_modules(modules)

@@ -34,10 +34,11 @@ class HeadSpec:
 
 
 def build_modules(hf_dir: str, *, param_dtype, compute_dtype, remat: str, attention_impl: str,
-                  head: HeadSpec | None, seed: int, mesh: Mesh | None) -> dict[str, nnx.Module]:
+                  head: HeadSpec | None, seed: int, mesh: Mesh | None, scan_layers: bool = True
+                  ) -> dict[str, nnx.Module]:
     """{"model": Qwen2.5-VL from the HF folder, "head": a freshly initialized head (if any)}."""
     model = from_hf(hf_dir, dtype=param_dtype, mesh=mesh, compute_dtype=compute_dtype,
-                    attention_impl=attention_impl, remat=remat)
+                    attention_impl=attention_impl, remat=remat, scan_layers=scan_layers)
     modules = {"model": model}
     if head is not None:
         modules["head"] = DetectionHead(

@@ -20,11 +20,12 @@ from bbu_jax.models.qwen2_5_vl.vision import VisionTower
 
 class Qwen25VL(nnx.Module):
     def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs, compute_dtype=jnp.float32,
-                 param_dtype=jnp.float32, attention_impl: str = "xla", remat: str = "none"):
+                 param_dtype=jnp.float32, attention_impl: str = "xla", remat: str = "none",
+                 scan_layers: bool = True):
         self.config = config
         self.compute_dtype = compute_dtype
         kw = dict(rngs=rngs, compute_dtype=compute_dtype, param_dtype=param_dtype,
-                  implementation=attention_impl, remat=remat)
+                  implementation=attention_impl, remat=remat, scan_layers=scan_layers)
         self.visual = VisionTower(config.vision, config.text.hidden_size, **kw)
         self.language_model = TextModel(config.text, **kw)
         shape = (config.text.vocab_size, config.text.hidden_size)

@@ -103,7 +103,8 @@ def abstract_model(cfg: Qwen25VLConfig, dtype=jnp.float32, **model_kw) -> Qwen25
 
 
 def from_hf(hf_dir: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, *,
-            compute_dtype=jnp.float32, attention_impl: str = "xla", remat: str = "none") -> Qwen25VL:
+            compute_dtype=jnp.float32, attention_impl: str = "xla", remat: str = "none",
+            scan_layers: bool = True) -> Qwen25VL:
     """Load an HF Qwen2.5-VL folder. With ``mesh``, every tensor goes straight to its sharding
     (abstract model -> shardings from logical names -> device_put per tensor -> merge)."""
     from bbu_jax.training.sharding import param_shardings
@@ -113,7 +114,8 @@ def from_hf(hf_dir: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh | Non
     files = weight_files(hf_dir)
     layout = detect_layout(files)
     graphdef, abs_state = nnx.split(abstract_model(cfg, dtype, compute_dtype=compute_dtype,
-                                                   attention_impl=attention_impl, remat=remat))
+                                                   attention_impl=attention_impl, remat=remat,
+                                                   scan_layers=scan_layers))
     shardings = None if mesh is None else nnx.to_flat_state(param_shardings(abs_state, mesh))
     shardings = None if shardings is None else {p: v.get_value() for p, v in shardings}
     handles: dict[Path, object] = {}

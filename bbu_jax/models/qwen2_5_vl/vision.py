@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int
 
 from bbu_jax.models.attention import attention
 from bbu_jax.models.qwen2_5_vl.config import VisionConfig
-from bbu_jax.models.qwen2_5_vl.text import Dense, GatedMLP, RMSNorm, apply_rope, remat_policy, stacked
+from bbu_jax.models.qwen2_5_vl.text import Dense, GatedMLP, RMSNorm, apply_rope, layer_loop, remat_policy, stacked
 
 VISION_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and merger
 
@@ -92,8 +92,10 @@ class PatchMerger(nnx.Module):
 
 class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, out_dim: int, *, rngs: nnx.Rngs, compute_dtype=jnp.float32,
-                 param_dtype=jnp.float32, implementation: str = "xla", remat: str = "none"):
+                 param_dtype=jnp.float32, implementation: str = "xla", remat: str = "none",
+                 scan_layers: bool = True):
         self.cfg = cfg
+        self.scan_layers = scan_layers
         self.patch_embed = Dense(cfg.patch_dim, cfg.hidden_size, use_bias=False, axes=(None, "embed"),
                                  rngs=rngs, compute_dtype=compute_dtype, param_dtype=param_dtype)
         self.blocks = stacked(lambda r: VisionBlock(cfg, rngs=r, compute_dtype=compute_dtype,
@@ -123,5 +125,6 @@ class VisionTower(nnx.Module):
 
         if self.remat != "none":
             body = nnx.remat(body, policy=remat_policy(self.remat))
-        x = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)(x, self.blocks, jnp.asarray(full))
+        x = layer_loop(body, scan=self.scan_layers, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)(
+            x, self.blocks, jnp.asarray(full))
         return self.merger(x).astype(jnp.float32)
