@@ -1,7 +1,7 @@
 """Training throughput and MFU of the bbu_jax Qwen2.5-VL step (vision tower counted).
 
 The real model (``Qwen25VL``, random weights, params float32, compute in ``--dtype``), the real
-chunked LM loss (``lm_loss_sums``) and optax AdamW, in one jitted step with the state donated, on
+fused chunked LM loss (``lm_loss``) and optax AdamW, in one jitted step with the state donated, on
 packed rows: each row holds ``--segments`` samples, each one ``--image_side``^2 image followed by
 text, filling ``--tokens`` tokens (segment ids keep samples apart in both the decoder and the
 vision tower). One device (``jax.devices()[0]``); multi-device sharding is the training loop's job.
