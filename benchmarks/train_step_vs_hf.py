@@ -186,6 +186,9 @@ def torch_worker(hf_dir: Path, inputs: dict[str, np.ndarray], threads: int):
 
 def serve(side: str, workdir: Path, args) -> None:
     """Worker loop: 'step' -> {seconds, loss}; 'peak' starts the peak window; 'done' -> figures."""
+    if args.keep_freed_memory:  # as scripts/train.py does; given to both sides alike
+        from bbu_jax.host_memory import keep_freed_memory
+        keep_freed_memory()
     inputs = dict(np.load(workdir / "inputs.npz"))
     hf_dir = workdir / "hf"
     step, matmul, extra = (jax_worker(hf_dir, inputs, args.lm_chunk, args.scan_layers) if side == "bbu_jax"
@@ -244,6 +247,8 @@ def main() -> None:
     p.add_argument("--scan_layers", action="store_true",
                    help="bbu_jax: keep the layer loops as scans (default: unrolled, the faster CPU setting here)")
     p.add_argument("--torch_threads", type=int, default=2)
+    p.add_argument("--no-keep_freed_memory", dest="keep_freed_memory", action="store_false",
+                   help="leave glibc's malloc defaults in both workers (scripts/train.py changes them)")
     p.add_argument("--pause", type=float, default=3.0, help="seconds between steps (idle threads settle)")
     p.add_argument("--no-record", dest="record", action="store_false")
     p.add_argument("--worker", choices=("bbu_jax", "transformers"), help=argparse.SUPPRESS)
@@ -258,7 +263,8 @@ def main() -> None:
     from bbu_jax.testing.tiny_hf import write_tiny_qwen2_5_vl
 
     passthrough = ["--lm_chunk", str(args.lm_chunk), "--torch_threads", str(args.torch_threads),
-                   *(["--scan_layers"] if args.scan_layers else [])]
+                   *(["--scan_layers"] if args.scan_layers else []),
+                   *([] if args.keep_freed_memory else ["--no-keep_freed_memory"])]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_tiny_qwen2_5_vl(work / "hf", seed=0, vocab_size=args.vocab, **OVERRIDES)
@@ -298,7 +304,8 @@ def main() -> None:
     print(f"Qwen2.5-VL text 512x4 (vocab {args.vocab}), vision 256x4, batch {args.rows} x {args.tokens} tokens, "
           f"one {IMAGE_SIDE}x{IMAGE_SIDE} image per row, f32; {os.cpu_count()} cpus, "
           f"torch threads {pt['torch_threads']}, XLA default threads; bbu_jax layers "
-          f"{'scanned' if args.scan_layers else 'unrolled'}; {args.steps} alternating steps, {args.pause:g} s apart")
+          f"{'scanned' if args.scan_layers else 'unrolled'}; malloc keeps freed memory: {args.keep_freed_memory}; "
+          f"{args.steps} alternating steps, {args.pause:g} s apart")
     print(f"model FLOPs per step {flops / 1e9:.1f} GFLOP; first-step loss rel. difference {loss_rel:.1e}")
     print(f"{'':13} {'median s':>9} {'min s':>7} {'max s':>7} {'GFLOP/s':>8} {'matmul GFLOP/s':>15} "
           f"{'of matmul':>9} {'step peak MiB':>14} {'peak RSS MiB':>13}")
@@ -319,6 +326,7 @@ def main() -> None:
                                                   "rows": args.rows, "tokens": args.tokens,
                                                   "image": IMAGE_SIDE, "supervised": args.supervised},
            steps=args.steps, lm_chunk=args.lm_chunk, scan_layers=args.scan_layers, pause_s=args.pause,
+           keep_freed_memory=args.keep_freed_memory,
            step_times=times, model_gflop_per_step=flops / 1e9,
            first_loss_rel_diff=loss_rel, ratio=ratio, min_ratio=min_ratio,
            load_average=os.getloadavg()[0], **figures)

@@ -19,6 +19,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bbu_jax.host_memory import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # before jax starts its threads (the demo trains on the CPU)
+
 from absl import app, logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
