@@ -14,6 +14,9 @@ Supervised tokens are moved to the front of each row first (a stable sort of the
 fixed shapes), so chunks that hold no supervised token of any row are skipped (``lax.cond``): with
 answers that are a fraction of each packed row, most of the LM head's work disappears.
 
+Traced under a mesh (``sharding.mesh_context``: the jitted steps), the head's gradient is summed per
+group of rows on the devices that hold them and reduced across devices once per step.
+
 Targets follow ``bbu_jax.data.batch``: ``targets[t]`` is the token predicted at position t and
 ``target_kind`` is 0 (unsupervised), 1 (teacher answer) or 2 (student answer).
 """
@@ -24,6 +27,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+from bbu_jax.training.sharding import constrain, shards
 
 TEACHER, STUDENT = 1, 2
 Metrics = dict[str, tuple[Array, Array]]
@@ -83,6 +88,12 @@ def _chunk_nll(h, w, t, dtype):
 def _scan_chunks(hidden, lm_head, targets, live, weights, positions, dtype, with_grad):
     """(sum w * nll, nll (b, l), [d hidden (b, l, d) f32, d lm_head (v, d) f32])."""
     b, l, d = hidden.shape
+    v = lm_head.shape[0]
+    # Under a mesh: the head is gathered over fsdp once, not in every chunk, and each device sums
+    # its own rows' head gradient (one partial per row group), so the whole step all-reduces it
+    # once after the loop instead of once per chunk.
+    lm_head = constrain(lm_head, ("vocab", None))
+    groups = shards("batch", b)
     order = jnp.argsort(~live, axis=1, stable=True)  # live tokens first in every row
     xs = tuple(_to_chunks(x, order, positions) for x in (hidden, targets, live, weights))
     zeros_nll = jnp.zeros((b, positions), jnp.float32)
@@ -101,17 +112,19 @@ def _scan_chunks(hidden, lm_head, targets, live, weights, positions, dtype, with
             onehot = jnp.arange(lm_head.shape[0])[None, None] == t[..., None]
             g = (wt[..., None] * (probs - onehot)).astype(dtype)  # d(sum w nll) / d logits
             dh = jnp.einsum("bcv,vd->bcd", g, lm_head.astype(dtype), preferred_element_type=jnp.float32)
-            # tokens as one axis: XLA's CPU dot then reads g in place instead of transposing it
-            dw_chunk = jnp.einsum("tv,td->vd", g.reshape(-1, g.shape[-1]), h.reshape(-1, d).astype(dtype),
-                                  preferred_element_type=jnp.float32)
-            return dw + dw_chunk, nll, dh
+            # a group's tokens as one axis: XLA's CPU dot then reads g in place instead of transposing it
+            dw_chunk = jnp.einsum("gtv,gtd->gvd", g.reshape(groups, -1, v),
+                                  h.reshape(groups, -1, d).astype(dtype), preferred_element_type=jnp.float32)
+            return constrain(dw + dw_chunk, ("batch", "vocab", None)), nll, dh
 
         skip = lambda: (dw, zeros_nll, jnp.zeros((b, positions, d), jnp.float32))  # noqa: E731
         dw, nll, dh = jax.lax.cond(jnp.any(m), compute, skip)
         return dw, (nll, dh)
 
     if with_grad:
-        dw, (nll, dh) = jax.lax.scan(with_gradient, jnp.zeros(lm_head.shape, jnp.float32), xs)
+        dw0 = constrain(jnp.zeros((groups, v, d), jnp.float32), ("batch", "vocab", None))
+        dw, (nll, dh) = jax.lax.scan(with_gradient, dw0, xs)
+        dw = dw.sum(axis=0)
     else:
         _, nll = jax.lax.scan(forward, None, xs)
     inverse = jnp.argsort(order, axis=1)

@@ -63,6 +63,31 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     return PartitionSpec(*spec)
 
 
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical axis names, for code traced under ``mesh_context``
+    (the jitted train and eval steps); ``x`` unchanged when traced without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def shards(axis: str, dim: int) -> int:
+    """Into how many pieces a dimension of size ``dim`` named ``axis`` is split under the current
+    mesh (1 without one), e.g. the row groups whose partial sums stay on their own devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    spec = logical_to_spec((axis,), (dim,), mesh)[0]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def mesh_context(mesh: Mesh):
+    """Context for tracing a step: ``constrain`` and ``shards`` see this mesh."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def param_shardings(model_or_state, mesh: Mesh):
     """NamedSharding per Variable (same tree as ``nnx.state(model)``), from its logical names."""
     state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state

@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bbu_jax.training.optimizer import group_norms
+from bbu_jax.training.sharding import mesh_context
 from bbu_jax.training.train_state import State
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
@@ -116,7 +117,8 @@ def jit_train_step(*, loss_fn: LossFn, count_fn: CountFn, tx: optax.GradientTran
     replicated = NamedSharding(mesh, P())
 
     def fn(state, batch):
-        return train_step(state, batch, loss_fn=loss_fn, count_fn=count_fn, tx=tx, labels=labels)
+        with mesh_context(mesh):
+            return train_step(state, batch, loss_fn=loss_fn, count_fn=count_fn, tx=tx, labels=labels)
 
     return jax.jit(fn, in_shardings=(state_shardings, accumulated_batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
@@ -126,7 +128,8 @@ def jit_eval_step(*, loss_fn: LossFn, count_fn: CountFn, param_shardings, mesh: 
     replicated = NamedSharding(mesh, P())
 
     def fn(params, batch, rng):
-        return eval_step(params, batch, loss_fn=loss_fn, count_fn=count_fn, rng=rng)
+        with mesh_context(mesh):
+            return eval_step(params, batch, loss_fn=loss_fn, count_fn=count_fn, rng=rng)
 
     return jax.jit(fn, in_shardings=(param_shardings, NamedSharding(mesh, P(BATCH_AXES)), replicated),
                    out_shardings=replicated)
