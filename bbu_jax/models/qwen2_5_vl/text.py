@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, Int
 
 from bbu_jax.models.attention import attention
 from bbu_jax.models.qwen2_5_vl.config import TextConfig
+from bbu_jax.training.sharding import constrain
 
 Axes = tuple[str | None, ...]
 LAYERS_AXIS = "layers"
@@ -67,14 +68,19 @@ class Dense(nnx.Module):
         self.kernel = param(init(rngs.params(), (din, dout), param_dtype), axes)
         self.bias = param(jnp.zeros((dout,), param_dtype), axes[1:]) if use_bias else None
         self.compute_dtype = compute_dtype
+        # Activations are split over tokens (and over heads / mlp units under tensor parallelism),
+        # never over the model width: left to itself, GSPMD follows an fsdp-split kernel and splits
+        # activations by width, then all-reduces whole (tokens x features) products.
+        self.activation_axes = tuple(None if a == "embed" else a for a in axes)
 
     def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:
         # As a 2D product: the kernel's gradient then contracts one token axis, which XLA's CPU dot
         # reads in place; contracting (batch, length) made it write a transposed copy of dy first.
         lead = x.shape[:-1]
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.compute_dtype),
-                    self.kernel[...].astype(self.compute_dtype), preferred_element_type=jnp.float32)
-        y = y.reshape(*lead, y.shape[-1])
+        x = constrain(x.reshape(-1, x.shape[-1]), ("batch", self.activation_axes[0]))
+        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype),
+                    preferred_element_type=jnp.float32)
+        y = constrain(y, ("batch", self.activation_axes[1])).reshape(*lead, y.shape[-1])
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.compute_dtype)

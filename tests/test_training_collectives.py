@@ -1,0 +1,76 @@
+"""The product's train step (model + detection head, remat, bf16) sends what its parallelism layout
+should between devices, compiled for 8 fake CPU devices: data parallel all-reduces the gradient
+once; FSDP gathers each weight for the forward and the (rematerialized) backward and reduces the
+gradient once. Activations split by model width instead of rows would show up as many times more."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bbu_jax.data.batch import FIELDS, expected_shapes
+from bbu_jax.training import collectives, optimizer, sharding, task, train_state
+from bbu_jax.training import step as step_lib
+
+HEAD = task.HeadSpec(width=32, num_queries=8, num_layers=1, num_heads=4, mlp_dim=64, caption_layers=1,
+                     max_caption_len=8)
+DIMS = dict(B=8, L=128, P=64, S=2, M=4, C=8, NV=16, NT=16)
+
+
+def _step_collectives(hf_dir, mesh_shape):
+    mesh = sharding.make_mesh(*mesh_shape)
+    modules = task.build_modules(str(hf_dir), param_dtype=jnp.float32, compute_dtype=jnp.bfloat16, remat="full",
+                                 attention_impl="xla", head=HEAD, seed=0, mesh=mesh)
+    graphdefs, params, rest = train_state.split_modules(modules)
+    weights = task.loss_weights(lm=1.0, detection=1.0, bbox_l1=5, bbox_giou=2, objectness=1, caption=1,
+                                match_class=2, match_bbox=5, match_giou=2, focal_alpha=0.25, focal_gamma=2)
+    vocab = np.arange(16, dtype=np.int32)
+    loss_fn = task.make_loss_fn(graphdefs, rest, weights=weights, caption_vocab=vocab, lm_chunk=256,
+                                matcher="scipy")
+    tx, _ = optimizer.make_optimizer(params, lrs={g: 1e-4 for g in optimizer.GROUPS}, warmup_steps=0,
+                                     total_steps=10, min_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999,
+                                     eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=0)
+    abstract = train_state.abstract_state(params, tx, 0)
+    shardings = train_state.state_shardings(abstract, task.param_shardings(modules, mesh), mesh)
+    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=task.count_fn, tx=tx,
+                                 labels=optimizer.group_labels(params), state_shardings=shardings, mesh=mesh)
+    batch = {k: jax.ShapeDtypeStruct((1, *shape), FIELDS[k][1]) for k, shape in expected_shapes(DIMS).items()}
+    state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+    sent = collectives.collective_bytes(fn.lower(state, batch).compile().as_text())
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+    # data parallel reduces the tied table's two gradients (LM head, token lookup) before adding them
+    table = modules["model"].embed_table()
+    ratios = {k: v / param_bytes for k, v in sent.items()}
+    print(f"mesh {mesh_shape}: x param bytes ({param_bytes / 2**20:.2f} MiB):",
+          {k: round(v, 2) for k, v in ratios.items()})
+    return ratios, 1 + table.size * table.dtype.itemsize / param_bytes
+
+
+@pytest.mark.parametrize("mesh_shape,bounds", [
+    ((8, 1, 1), {"all-reduce": 1.05, "all-gather": 0.05}),  # gradient once, weights replicated
+    ((1, 8, 1), {"all-reduce": 1.05, "all-gather": 3.1}),  # gradient once, weights gathered 2-3x
+])
+def test_step_collective_volume(tiny_hf_dir, mesh_shape, bounds):
+    ratios, with_table = _step_collectives(tiny_hf_dir, mesh_shape)
+    reduced = ratios["all-reduce"] + ratios["reduce-scatter"]
+    assert 0.95 < reduced <= bounds["all-reduce"] * with_table, ratios
+    assert ratios["all-gather"] <= bounds["all-gather"], ratios
+    assert ratios["all-to-all"] + ratios["collective-permute"] < 0.1, ratios
+
+
+def test_collective_bytes_follows_loops():
+    """A collective in a 5-trip loop counts 5 times; shapes of every dtype are sized."""
+    hlo = """HloModule m
+
+%body (p: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %ar = f32[8,4]{1,0} all-reduce(%x), replica_groups={}, to_apply=%add
+}
+
+ENTRY %main (a: f32[8,4]) -> f32[8,4] {
+  %w = (s32[], f32[8,4]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %ag = bf16[16,4]{1,0} all-gather(%y), dimensions={0}
+}
+"""
+    sent = collectives.collective_bytes(hlo)
+    assert sent["all-reduce"] == 5 * 8 * 4 * 4
+    assert sent["all-gather"] == 16 * 4 * 2
+    assert sent["reduce-scatter"] == 0
