@@ -1,4 +1,5 @@
-"""benchmarks/mfu.py runs end to end at its tiny size (same code as the 3B GPU run) and prints its
+"""benchmarks/mfu.py and benchmarks/collectives.py run end to end at their tiny size (same code as
+the 3B runs) and print their
 headline; the FLOP count it reports against is checked by hand on a small case."""
 import os
 import re
@@ -37,3 +38,16 @@ def test_step_flops_by_hand():
     vis = 1176 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64)
     fwd += 2 * 64 * vis + 2 * 16 * (128 * 128 + 128 * 64) + 4 * 32 * 2 * 64 * 64
     assert got == pytest.approx(3 * fwd)
+
+
+def test_collectives_tiny_prints_headline():
+    """FSDP over 8 fake devices: the gradient is reduced once, weights are gathered 1-3 times."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "collectives.py"), "--tiny", "--no-record"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"collectives: 1x8x1 step sends \S+ GiB reduced \((\S+) x params\), "
+                     r"\S+ GiB gathered \((\S+) x params\)", last)
+    assert m, last
+    assert 0.95 < float(m.group(1)) < 1.05 and 1.0 < float(m.group(2)) < 3.05

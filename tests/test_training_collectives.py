@@ -35,7 +35,7 @@ def _step_collectives(hf_dir, mesh_shape):
                                  labels=optimizer.group_labels(params), state_shardings=shardings, mesh=mesh)
     batch = {k: jax.ShapeDtypeStruct((1, *shape), FIELDS[k][1]) for k, shape in expected_shapes(DIMS).items()}
     state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
-    sent = collectives.collective_bytes(fn.lower(state, batch).compile().as_text())
+    sent = collectives.collective_bytes(collectives.partitioned_hlo(fn.lower(state, batch)))
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
     # data parallel reduces the tied table's two gradients (LM head, token lookup) before adding them
     table = modules["model"].embed_table()
@@ -47,30 +47,38 @@ def _step_collectives(hf_dir, mesh_shape):
 
 @pytest.mark.parametrize("mesh_shape,bounds", [
     ((8, 1, 1), {"all-reduce": 1.05, "all-gather": 0.05}),  # gradient once, weights replicated
-    ((1, 8, 1), {"all-reduce": 1.05, "all-gather": 3.1}),  # gradient once, weights gathered 2-3x
+    ((1, 8, 1), {"all-reduce": 1.05, "all-gather": 3.05}),  # gradient once, weights gathered 3x (bf16/f32)
 ])
 def test_step_collective_volume(tiny_hf_dir, mesh_shape, bounds):
     ratios, with_table = _step_collectives(tiny_hf_dir, mesh_shape)
     reduced = ratios["all-reduce"] + ratios["reduce-scatter"]
-    assert 0.95 < reduced <= bounds["all-reduce"] * with_table, ratios
+    # (a little under 1 P: the detection head's bf16 weight gradients are reduced in bf16)
+    assert 0.9 < reduced <= bounds["all-reduce"] * with_table, ratios
     assert ratios["all-gather"] <= bounds["all-gather"], ratios
     assert ratios["all-to-all"] + ratios["collective-permute"] < 0.1, ratios
 
 
 def test_collective_bytes_follows_loops():
-    """A collective in a 5-trip loop counts 5 times; shapes of every dtype are sized."""
+    """A collective in a loop counts once per trip (from XLA's annotation or the loop's bound);
+    shapes of every dtype are sized."""
     hlo = """HloModule m
 
 %body (p: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
   %ar = f32[8,4]{1,0} all-reduce(%x), replica_groups={}, to_apply=%add
 }
 
+%cond (p: (s32[], f32[8,4])) -> pred[] {
+  %c = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
 ENTRY %main (a: f32[8,4]) -> f32[8,4] {
   %w = (s32[], f32[8,4]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %w2 = (s32[], f32[8,4]) while(%t), condition=%cond, body=%body
   %ag = bf16[16,4]{1,0} all-gather(%y), dimensions={0}
 }
 """
     sent = collectives.collective_bytes(hlo)
-    assert sent["all-reduce"] == 5 * 8 * 4 * 4
+    assert sent["all-reduce"] == (5 + 3) * 8 * 4 * 4
     assert sent["all-gather"] == 16 * 4 * 2
     assert sent["reduce-scatter"] == 0

@@ -3,13 +3,16 @@
 Used to check a parallelism layout against its textbook volume (data parallel: one gradient
 all-reduce per step; FSDP: weights gathered for forward and backward, gradients reduced once)
 without a multi-GPU machine: the SPMD partitioner makes the same choices for fake CPU devices.
-Collectives inside loops count once per iteration (XLA's ``known_trip_count``); of a
-conditional's branches the largest counts.
+``partitioned_hlo`` reads the module right after partitioning, before the CPU backend widens bf16
+to f32. Collectives inside loops count once per iteration; of a conditional's branches the
+largest counts.
 """
 from __future__ import annotations
 
 import collections
+import pathlib
 import re
+import tempfile
 
 import numpy as np
 
@@ -19,6 +22,8 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, 
 _COLLECTIVE = re.compile(r"\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (" + "|".join(KINDS) + r")(?:-start)?\(")
 _WHILE = re.compile(r" while\(.*body=%?([\w.\-]+)")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONDITION = re.compile(r"condition=%?([\w.\-]+)")
+_BOUND = re.compile(r"s32\[\] constant\((\d+)\)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}|true_computation=%?([\w.\-]+), "
                        r"false_computation=%?([\w.\-]+)")
 _CALLS = re.compile(r"to_apply=%?([\w.\-]+)")
@@ -46,6 +51,29 @@ def _computations(hlo: str) -> tuple[str, dict[str, str]]:
     return entry, comps
 
 
+def partitioned_hlo(lowered) -> str:
+    """Compile a ``jax.jit(...).lower(...)`` result and return its module as the SPMD partitioner
+    left it: the collectives and dtypes any backend starts from."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lowered.compile(compiler_options={"xla_dump_to": tmp, "xla_dump_hlo_pass_re": "spmd-partitioning"})
+        dumps = sorted(pathlib.Path(tmp).glob("*after_spmd-partitioning*.txt"))
+        if not dumps:
+            raise RuntimeError("XLA wrote no module after SPMD partitioning (was a mesh used?)")
+        return dumps[-1].read_text()
+
+
+def _trips(line: str, comps: dict[str, str]) -> int:
+    """Iterations of a while loop: XLA's annotation, else the one bound its condition compares to
+    (scans count up from 0 to a constant)."""
+    if m := _TRIPS.search(line):
+        return int(m.group(1))
+    condition = comps[_CONDITION.search(line).group(1)]
+    bounds = set(_BOUND.findall(condition))
+    if len(bounds) != 1 or "direction=LT" not in condition:
+        raise ValueError(f"cannot tell how often this loop runs: {line.strip()[:200]}")
+    return int(bounds.pop())
+
+
 def collective_bytes(hlo: str) -> dict[str, int]:
     """{kind: bytes of the results of that kind's collectives per execution} (0 for absent kinds).
 
@@ -62,9 +90,9 @@ def collective_bytes(hlo: str) -> dict[str, int]:
             if m := _COLLECTIVE.match(line):
                 out[m.group(2)] += shape_bytes(m.group(1))
             elif m := _WHILE.search(line):
-                trips = _TRIPS.search(line)
+                trips = _trips(line, comps)
                 for k, v in walk(m.group(1)).items():
-                    out[k] += v * (int(trips.group(1)) if trips else 1)
+                    out[k] += v * trips
             elif " conditional(" in line and (m := _BRANCHES.search(line)):
                 names = m.group(1).split(",") if m.group(1) else [m.group(2), m.group(3)]
                 biggest: collections.Counter = collections.Counter()

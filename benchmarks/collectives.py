@@ -1,0 +1,127 @@
+"""What one train step sends between devices, for the 3B on a multi-GPU mesh, measured without GPUs.
+
+The product's step (``task.make_loss_fn`` with the language loss, ``make_optimizer``,
+``jit_train_step``) on abstract params of the real Qwen2.5-VL-3B shape is compiled for
+``--mesh`` fake CPU devices; ``training.collectives`` then reads the module the SPMD partitioner
+produced (the same partitioner runs on GPU) and sums each collective kind's bytes per step, loops
+counted by their trip counts. Nothing is allocated or run, so this works on a laptop.
+
+Reference volumes, as multiples of the f32 parameter bytes P: data parallel reduces the gradient
+once (all-reduce = 1 P); FSDP gathers each weight for the forward, the rematerialized forward and
+the backward (3 gathers: 1.5 P in bf16, 3 P in f32) and reduces the gradient once (1 P).
+``--link_gbs`` turns bytes into a lower bound on time with ring algorithms (all-reduce moves
+2(n-1)/n of the bytes per device, all-gather and reduce-scatter (n-1)/n), to compare with the
+step's compute.
+
+  python benchmarks/collectives.py                  # 3B, FSDP over 8 (1 x 8 x 1), 8192-token rows
+  python benchmarks/collectives.py --mesh 8 1 1     # data parallel
+  python benchmarks/collectives.py --tiny           # tiny model (CI)
+
+Last line: `collectives: MESH step sends X GiB all-reduce (A x params), Y GiB all-gather (B x params)`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mesh", type=int, nargs=3, default=(1, 8, 1), metavar=("DATA", "FSDP", "TENSOR"))
+    p.add_argument("--tiny", action="store_true", help="tiny model and rows (CI)")
+    p.add_argument("--rows_per_device", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=None, help="tokens per row (default 8192; tiny 256)")
+    p.add_argument("--segments", type=int, default=None, help="samples per row (default 4; tiny 2)")
+    p.add_argument("--image_side", type=int, default=None, help="pixels (default 448; tiny 112)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--remat", default="full")
+    p.add_argument("--lm_chunk", type=int, default=2048)
+    p.add_argument("--link_gbs", type=float, default=450.0,
+                   help="per-GPU link bandwidth, GB/s one way (H100 SXM NVLink: 450)")
+    p.add_argument("--no-record", dest="record", action="store_false")
+    args = p.parse_args()
+    devices = args.mesh[0] * args.mesh[1] * args.mesh[2]
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={devices}").strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from benchmarks.mfu import packed_batch, tiny_config
+    from bbu_jax.data.batch import FIELDS, expected_shapes
+    from bbu_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
+    from bbu_jax.training import collectives, optimizer, sharding, task, train_state
+    from bbu_jax.training import step as step_lib
+
+    tokens = args.tokens or (256 if args.tiny else 8192)
+    segments = args.segments or (2 if args.tiny else 4)
+    image_side = args.image_side or (112 if args.tiny else 448)
+    cfg = tiny_config() if args.tiny else Qwen25VLConfig()
+    mesh = sharding.make_mesh(*args.mesh)
+    dtype = jnp.dtype(args.dtype)
+
+    t0 = time.perf_counter()
+    modules = {"model": nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), compute_dtype=dtype,
+                                                        attention_impl="xla", remat=args.remat))}
+    graphdefs, params, rest = train_state.split_modules(modules)
+    weights = task.loss_weights(lm=1.0, detection=0.0, bbox_l1=0, bbox_giou=0, objectness=0, caption=0,
+                                match_class=0, match_bbox=0, match_giou=0, focal_alpha=0.25, focal_gamma=2)
+    loss_fn = task.make_loss_fn(graphdefs, rest, weights=weights, caption_vocab=None, lm_chunk=args.lm_chunk,
+                                matcher="scipy")
+    tx, _ = optimizer.make_optimizer(params, lrs={g: 1e-5 for g in optimizer.GROUPS}, warmup_steps=0,
+                                     total_steps=10, min_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999,
+                                     eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=0)
+    abstract = train_state.abstract_state(params, tx, 0)
+    shardings = train_state.state_shardings(abstract, task.param_shardings(modules, mesh), mesh)
+    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=task.count_fn, tx=tx,
+                                 labels=optimizer.group_labels(params), state_shardings=shardings, mesh=mesh)
+    rows = args.rows_per_device * args.mesh[0] * args.mesh[1]
+    one_row, _, _ = packed_batch(cfg, rows=1, tokens=tokens, segments=segments, image_side=image_side)
+    dims = dict(B=rows, L=tokens, P=one_row["patches"].shape[1], S=segments, M=1, C=1, NV=1, NT=1)
+    batch = {k: jax.ShapeDtypeStruct((1, *shape), FIELDS[k][1]) for k, shape in expected_shapes(dims).items()}
+    state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+    hlo = collectives.partitioned_hlo(fn.lower(state, batch))
+    compile_s = time.perf_counter() - t0
+    sent = collectives.collective_bytes(hlo)
+
+    param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+    ring = {"all-reduce": 2.0, "all-gather": 1.0, "reduce-scatter": 1.0, "all-to-all": 1.0,
+            "collective-permute": 1.0}
+    mesh_name = "x".join(map(str, args.mesh))
+    print(f"{'tiny' if args.tiny else '3B'} Qwen2.5-VL, mesh data x fsdp x tensor = {mesh_name}, "
+          f"{args.rows_per_device} row(s) of {tokens} tokens per device, {segments} samples/row, "
+          f"{image_side}^2 images, {args.dtype} compute, remat {args.remat}; f32 params "
+          f"{param_bytes / 2**30:.2f} GiB; compiled in {compile_s:.0f} s on {devices} fake CPU devices")
+    print(f"{'collective':20} {'GiB/step':>9} {'x params':>9} {'ms at ' + str(int(args.link_gbs)) + ' GB/s':>14}")
+    seconds = 0.0
+    for kind, n in sent.items():
+        s = ring[kind] * (devices - 1) / devices * n / (args.link_gbs * 1e9)
+        seconds += s
+        print(f"{kind:20} {n / 2**30:9.3g} {n / param_bytes:9.2f} {s * 1e3:14.1f}")
+    print(f"{'total':20} {sum(sent.values()) / 2**30:9.3g} {sum(sent.values()) / param_bytes:9.2f} "
+          f"{seconds * 1e3:14.1f}")
+    reduced = sent["all-reduce"] + sent["reduce-scatter"]
+    headline = (f"collectives: {mesh_name} step sends {reduced / 2**30:.3g} GiB reduced "
+                f"({reduced / param_bytes:.2f} x params), {sent['all-gather'] / 2**30:.3g} GiB gathered "
+                f"({sent['all-gather'] / param_bytes:.2f} x params)")
+    if not args.record:
+        print(headline)
+        return
+    from benchmarks._common import record
+
+    record("collectives", headline, tiny=args.tiny, mesh=list(args.mesh), rows_per_device=args.rows_per_device,
+           tokens=tokens, segments=segments, image_side=image_side, dtype=args.dtype, remat=args.remat,
+           lm_chunk=args.lm_chunk, param_bytes=param_bytes, bytes=sent, link_gbs=args.link_gbs,
+           ring_seconds=seconds, compile_s=compile_s)
+
+
+if __name__ == "__main__":
+    main()
