@@ -50,16 +50,12 @@ def main() -> None:
                                f" --xla_force_host_platform_device_count={devices}").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
 
-    import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from benchmarks.mfu import packed_batch, tiny_config
-    from bbu_jax.data.batch import FIELDS, expected_shapes
     from bbu_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
-    from bbu_jax.training import collectives, optimizer, sharding, task, train_state
-    from bbu_jax.training import step as step_lib
+    from bbu_jax.training import collectives, sharding, task
 
     tokens = args.tokens or (256 if args.tiny else 8192)
     segments = args.segments or (2 if args.tiny else 4)
@@ -71,28 +67,14 @@ def main() -> None:
     t0 = time.perf_counter()
     modules = {"model": nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), compute_dtype=dtype,
                                                         attention_impl="xla", remat=args.remat))}
-    graphdefs, params, rest = train_state.split_modules(modules)
     weights = task.loss_weights(lm=1.0, detection=0.0, bbox_l1=0, bbox_giou=0, objectness=0, caption=0,
                                 match_class=0, match_bbox=0, match_giou=0, focal_alpha=0.25, focal_gamma=2)
-    loss_fn = task.make_loss_fn(graphdefs, rest, weights=weights, caption_vocab=None, lm_chunk=args.lm_chunk,
-                                matcher="scipy")
-    tx, _ = optimizer.make_optimizer(params, lrs={g: 1e-5 for g in optimizer.GROUPS}, warmup_steps=0,
-                                     total_steps=10, min_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999,
-                                     eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=0)
-    abstract = train_state.abstract_state(params, tx, 0)
-    shardings = train_state.state_shardings(abstract, task.param_shardings(modules, mesh), mesh)
-    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=task.count_fn, tx=tx,
-                                 labels=optimizer.group_labels(params), state_shardings=shardings, mesh=mesh)
     rows = args.rows_per_device * args.mesh[0] * args.mesh[1]
     one_row, _, _ = packed_batch(cfg, rows=1, tokens=tokens, segments=segments, image_side=image_side)
     dims = dict(B=rows, L=tokens, P=one_row["patches"].shape[1], S=segments, M=1, C=1, NV=1, NT=1)
-    batch = {k: jax.ShapeDtypeStruct((1, *shape), FIELDS[k][1]) for k, shape in expected_shapes(dims).items()}
-    state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
-    hlo = collectives.partitioned_hlo(fn.lower(state, batch))
+    sent, param_bytes = collectives.train_step_traffic(modules, mesh, dims, weights=weights, caption_vocab=None,
+                                                       lm_chunk=args.lm_chunk)
     compile_s = time.perf_counter() - t0
-    sent = collectives.collective_bytes(hlo)
-
-    param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
     ring = {"all-reduce": 2.0, "all-gather": 1.0, "reduce-scatter": 1.0, "all-to-all": 1.0,
             "collective-permute": 1.0}
     mesh_name = "x".join(map(str, args.mesh))

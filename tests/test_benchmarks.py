@@ -1,6 +1,5 @@
 """benchmarks/mfu.py and benchmarks/collectives.py run end to end at their tiny size (same code as
-the 3B runs) and print their
-headline; the FLOP count it reports against is checked by hand on a small case."""
+the 3B runs) and print their headlines; mfu's FLOP count is checked by hand on a small case."""
 import os
 import re
 import subprocess
@@ -12,16 +11,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_mfu_tiny_prints_headline():
+def _run_tiny(script: str) -> tuple[str, str]:
+    """(stdout, its last line) of ``benchmarks/SCRIPT --tiny --no-record``."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mfu.py"), "--tiny", "--no-record"],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--no-record"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    last = out.stdout.strip().splitlines()[-1]
+    return out.stdout, out.stdout.strip().splitlines()[-1]
+
+
+def test_mfu_tiny_prints_headline():
+    stdout, last = _run_tiny("mfu.py")
     m = re.fullmatch(r"mfu: (\d+(?:\.\d+)?)% of \S+ TFLOP/s \(.+\), (\d+) tokens/s/device", last)
     assert m, last
     assert 0 < float(m.group(1)) < 100 and int(m.group(2)) > 0
-    losses = re.search(r"losses\s+(.+)", out.stdout).group(1).split()
+    losses = re.search(r"losses\s+(.+)", stdout).group(1).split()
     assert len(losses) >= 2 and float(losses[-1]) < float(losses[0])  # the optimizer moved the loss
 
 
@@ -42,11 +46,7 @@ def test_step_flops_by_hand():
 
 def test_collectives_tiny_prints_headline():
     """FSDP over 8 fake devices: the gradient is reduced once, weights are gathered 1-3 times."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "collectives.py"), "--tiny", "--no-record"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    last = out.stdout.strip().splitlines()[-1]
+    _, last = _run_tiny("collectives.py")
     m = re.fullmatch(r"collectives: 1x8x1 step sends \S+ GiB reduced \((\S+) x params\), "
                      r"\S+ GiB gathered \((\S+) x params\)", last)
     assert m, last

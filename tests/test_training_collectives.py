@@ -2,14 +2,11 @@
 should between devices, compiled for 8 fake CPU devices: data parallel all-reduces the gradient
 once; FSDP gathers each weight for the forward and the (rematerialized) backward and reduces the
 gradient once. Activations split by model width instead of rows would show up as many times more."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bbu_jax.data.batch import FIELDS, expected_shapes
-from bbu_jax.training import collectives, optimizer, sharding, task, train_state
-from bbu_jax.training import step as step_lib
+from bbu_jax.training import collectives, sharding, task
 
 HEAD = task.HeadSpec(width=32, num_queries=8, num_layers=1, num_heads=4, mlp_dim=64, caption_layers=1,
                      max_caption_len=8)
@@ -20,23 +17,10 @@ def _step_collectives(hf_dir, mesh_shape):
     mesh = sharding.make_mesh(*mesh_shape)
     modules = task.build_modules(str(hf_dir), param_dtype=jnp.float32, compute_dtype=jnp.bfloat16, remat="full",
                                  attention_impl="xla", head=HEAD, seed=0, mesh=mesh)
-    graphdefs, params, rest = train_state.split_modules(modules)
     weights = task.loss_weights(lm=1.0, detection=1.0, bbox_l1=5, bbox_giou=2, objectness=1, caption=1,
                                 match_class=2, match_bbox=5, match_giou=2, focal_alpha=0.25, focal_gamma=2)
-    vocab = np.arange(16, dtype=np.int32)
-    loss_fn = task.make_loss_fn(graphdefs, rest, weights=weights, caption_vocab=vocab, lm_chunk=256,
-                                matcher="scipy")
-    tx, _ = optimizer.make_optimizer(params, lrs={g: 1e-4 for g in optimizer.GROUPS}, warmup_steps=0,
-                                     total_steps=10, min_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999,
-                                     eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=0)
-    abstract = train_state.abstract_state(params, tx, 0)
-    shardings = train_state.state_shardings(abstract, task.param_shardings(modules, mesh), mesh)
-    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=task.count_fn, tx=tx,
-                                 labels=optimizer.group_labels(params), state_shardings=shardings, mesh=mesh)
-    batch = {k: jax.ShapeDtypeStruct((1, *shape), FIELDS[k][1]) for k, shape in expected_shapes(DIMS).items()}
-    state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
-    sent = collectives.collective_bytes(collectives.partitioned_hlo(fn.lower(state, batch)))
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+    sent, param_bytes = collectives.train_step_traffic(modules, mesh, DIMS, weights=weights,
+                                                       caption_vocab=np.arange(16, dtype=np.int32), lm_chunk=256)
     # data parallel reduces the tied table's two gradients (LM head, token lookup) before adding them
     table = modules["model"].embed_table()
     ratios = {k: v / param_bytes for k, v in sent.items()}
