@@ -59,3 +59,23 @@ def test_means_exact_whatever_the_batching(setup):
     # An untrained head finds next to nothing, but the COCO keys are there and JSON-safe.
     assert 0.0 <= one["val/mAP50"] <= 1.0 and one["val/mAP50"] == one["val/head/AP50"]
     assert all(v is None or math.isfinite(v) for v in json_safe(one).values())
+
+
+def test_sharded_model_gives_the_same_report(setup, tiny_hf_dir):
+    """Model and head placed FSDP over 8 devices: the same losses and detections as on one device."""
+    import jax
+
+    from bbu_jax.training import sharding
+
+    mesh = sharding.make_mesh(1, 8, 1)
+    head = nnx.clone(setup["head"])
+    state = nnx.state(head)
+    nnx.update(head, jax.device_put(state, sharding.param_shardings(state, mesh)))
+    sharded = dict(setup, model=from_hf(tiny_hf_dir, mesh=mesh), head=head)
+    assert len(sharded["model"].embed_table().sharding.device_set) == 8
+    one, preds_one = _run(setup, rows=8)
+    eight, preds_eight = _run(sharded, rows=8)
+    for key in ("val/lm_loss", "val/bbox_l1_loss", "val/objectness_loss", "val/caption_loss"):
+        assert eight[key] == pytest.approx(one[key], rel=1e-4), key
+    for a, b in zip(preds_one, preds_eight):
+        np.testing.assert_allclose([o["score"] for o in a["pred"]], [o["score"] for o in b["pred"]], rtol=1e-3)

@@ -8,6 +8,7 @@ however the batch is sharded (a sum inside jit over a sharded batch is already g
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from bbu_jax.data.batch import HEAD_INPUTS, MODEL_INPUTS
 from bbu_jax.data.schema import Record
@@ -23,6 +25,7 @@ from bbu_jax.inference.predict import decode_detections, detect_from_outputs
 from bbu_jax.losses import LossWeights, multitask_loss
 from bbu_jax.models.detection_head import DetectionHead
 from bbu_jax.models.qwen2_5_vl import Qwen25VL
+from bbu_jax.training import sharding
 
 
 @nnx.jit(static_argnames=("weights", "lm_chunk", "matcher", "top_k"))
@@ -58,9 +61,12 @@ def evaluate(model: Qwen25VL, head: DetectionHead | None, batches: Iterable[tupl
     sums: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, float] = collections.defaultdict(float)
     predictions: list[dict[str, Any]] = []
+    mesh = getattr(model.embed_table().sharding, "mesh", None)  # a NamedSharding's, when placed on one
     for batch, metas in batches:
-        metrics, dets = eval_step(model, head, batch, vocab, end_id, weights=weights, lm_chunk=lm_chunk,
-                                  matcher=matcher, top_k=k)
+        # under the params' mesh the step splits activations over rows, as the train step does
+        with sharding.mesh_context(mesh) if isinstance(mesh, Mesh) else contextlib.nullcontext():
+            metrics, dets = eval_step(model, head, batch, vocab, end_id, weights=weights, lm_chunk=lm_chunk,
+                                      matcher=matcher, top_k=k)
         for name, (s, c) in metrics.items():
             sums[name] += float(s)
             counts[name] += float(c)
