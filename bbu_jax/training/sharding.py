@@ -5,6 +5,10 @@ e.g. ``("embed", "mlp")``; stacked layers get a leading ``"layers"``). This modu
 names through ``LOGICAL_AXIS_RULES`` (MaxText style), so changing a parallelism strategy is one edit
 here. A mesh axis that does not divide a dimension is dropped for that dimension (replicated),
 so tiny test models shard on any mesh.
+
+Activations get the same names through ``constrain`` inside code traced under ``mesh_context``
+(the jitted train and eval steps): left alone, GSPMD follows fsdp-split kernels and splits
+activations by width (``benchmarks/collectives.py`` measures what a step sends).
 """
 from __future__ import annotations
 
