@@ -1,7 +1,8 @@
 """The product's train step (model + detection head, remat, bf16) sends what its parallelism layout
 should between devices, compiled for 8 fake CPU devices: data parallel all-reduces the gradient
 once; FSDP gathers each weight for the forward and the (rematerialized) backward and reduces the
-gradient once. Activations split by model width instead of rows would show up as many times more."""
+gradient once. Activations split by model width instead of rows would show up as many times more.
+The same step run on 8 devices equals one device."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -66,3 +67,46 @@ ENTRY %main (a: f32[8,4]) -> f32[8,4] {
     assert sent["all-reduce"] == (5 + 3) * 8 * 4 * 4
     assert sent["all-gather"] == 16 * 4 * 2
     assert sent["reduce-scatter"] == 0
+
+
+def test_sharded_step_equals_one_device(tiny_hf_dir):
+    """The real model's train step (constraints active under the step's mesh) on FSDP over 8
+    devices gives the loss, gradient norm and updated params of one device."""
+    import jax
+
+    from benchmarks.mfu import packed_batch
+    from bbu_jax.data.batch import FIELDS, expected_shapes
+    from bbu_jax.training import optimizer, train_state
+    from bbu_jax.training import step as step_lib
+
+    def run(mesh_shape):
+        mesh = sharding.make_mesh(*mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+        modules = task.build_modules(str(tiny_hf_dir), param_dtype=jnp.float32, compute_dtype=jnp.float32,
+                                     remat="full", attention_impl="xla", head=None, seed=0, mesh=mesh)
+        weights = task.loss_weights(lm=1.0, detection=0.0, bbox_l1=0, bbox_giou=0, objectness=0, caption=0,
+                                    match_class=0, match_bbox=0, match_giou=0, focal_alpha=0.25, focal_gamma=2)
+        graphdefs, params, rest = train_state.split_modules(modules)
+        loss_fn = task.make_loss_fn(graphdefs, rest, weights=weights, caption_vocab=None, lm_chunk=256,
+                                    matcher="scipy")
+        tx, _ = optimizer.make_optimizer(params, lrs={g: 1e-3 for g in optimizer.GROUPS}, warmup_steps=0,
+                                         total_steps=10, min_lr_ratio=1.0, weight_decay=0.01, b1=0.9,
+                                         b2=0.999, eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=0)
+        shardings = train_state.state_shardings(train_state.abstract_state(params, tx, 0),
+                                                task.param_shardings(modules, mesh), mesh)
+        fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=task.count_fn, tx=tx,
+                                     labels=optimizer.group_labels(params), state_shardings=shardings, mesh=mesh)
+        batch, _, _ = packed_batch(modules["model"].config, rows=8, tokens=128, segments=2, image_side=56)
+        dims = dict(B=8, L=128, P=batch["patches"].shape[1], S=2, M=1, C=1, NV=1, NT=1)
+        for name, shape in expected_shapes(dims).items():
+            batch.setdefault(name, np.zeros(shape, FIELDS[name][1]))
+        state, out = fn(train_state.create_state(params, tx, 0, shardings), {k: v[None] for k, v in batch.items()})
+        return jax.device_get((out["metrics"]["loss"][0], out["metrics"]["grad_norm"][0], state["params"]))
+
+    loss1, norm1, params1 = run((1, 1, 1))
+    loss8, norm8, params8 = run((1, 8, 1))
+    print(f"loss {loss1:.6f} vs {loss8:.6f}, grad norm {norm1:.6f} vs {norm8:.6f}")
+    assert loss8 == pytest.approx(loss1, rel=1e-5) and norm8 == pytest.approx(norm1, rel=1e-4)
+    # AdamW's first step moves each weight by about lr * g / (|g| + eps): where |g| is near eps the
+    # summation order shows, so params are compared to a tenth of the lr (a wrong gradient moves 2 lr)
+    for a, b in zip(jax.tree_util.tree_leaves(params1), jax.tree_util.tree_leaves(params8)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-4)
