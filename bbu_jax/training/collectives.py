@@ -112,7 +112,7 @@ def collective_bytes(hlo: str) -> dict[str, int]:
 
 def train_step_traffic(modules, mesh, dims: dict[str, int], *, weights, caption_vocab, lm_chunk: int
                        ) -> tuple[dict[str, int], int]:
-    """({kind: bytes} per step, f32-equivalent parameter bytes) of the product's train step
+    """({kind: bytes} per step, parameter bytes) of the product's train step
     (``task`` loss, ``make_optimizer``, ``jit_train_step``) for ``modules`` (real or
     ``nnx.eval_shape``d) on ``mesh``, one micro-batch of ``dims`` (``bbu_jax.data.batch``
     budgets). Compiled only: nothing is allocated or run."""
