@@ -8,7 +8,6 @@ however the batch is sharded (a sum inside jit over a sharded batch is already g
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from bbu_jax.data.batch import HEAD_INPUTS, MODEL_INPUTS
 from bbu_jax.data.schema import Record
@@ -64,7 +62,7 @@ def evaluate(model: Qwen25VL, head: DetectionHead | None, batches: Iterable[tupl
     mesh = getattr(model.embed_table().sharding, "mesh", None)  # a NamedSharding's, when placed on one
     for batch, metas in batches:
         # under the params' mesh the step splits activations over rows, as the train step does
-        with sharding.mesh_context(mesh) if isinstance(mesh, Mesh) else contextlib.nullcontext():
+        with sharding.mesh_context(mesh):
             metrics, dets = eval_step(model, head, batch, vocab, end_id, weights=weights, lm_chunk=lm_chunk,
                                       matcher=matcher, top_k=k)
         for name, (s, c) in metrics.items():

@@ -17,6 +17,10 @@ import tempfile
 import jax
 import numpy as np
 
+from bbu_jax.data.batch import FIELDS, expected_shapes
+from bbu_jax.training import optimizer, task, train_state
+from bbu_jax.training import step as step_lib
+
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
           "f64": 8, "s64": 8, "u64": 8}
@@ -116,10 +120,6 @@ def train_step_traffic(modules, mesh, dims: dict[str, int], *, weights, caption_
     (``task`` loss, ``make_optimizer``, ``jit_train_step``) for ``modules`` (real or
     ``nnx.eval_shape``d) on ``mesh``, one micro-batch of ``dims`` (``bbu_jax.data.batch``
     budgets). Compiled only: nothing is allocated or run."""
-    from bbu_jax.data.batch import FIELDS, expected_shapes
-    from bbu_jax.training import optimizer, task, train_state
-    from bbu_jax.training import step as step_lib
-
     graphdefs, params, rest = train_state.split_modules(modules)
     loss_fn = task.make_loss_fn(graphdefs, rest, weights=weights, caption_vocab=caption_vocab,
                                 lm_chunk=lm_chunk, matcher="scipy")

@@ -12,6 +12,7 @@ activations by width (``benchmarks/collectives.py`` measures what a step sends).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import jax
@@ -87,9 +88,9 @@ def shards(axis: str, dim: int) -> int:
     return int(np.prod([mesh.shape[a] for a in names]))
 
 
-def mesh_context(mesh: Mesh):
-    """Context for tracing a step: ``constrain`` and ``shards`` see this mesh."""
-    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+def mesh_context(mesh: Mesh | None):
+    """Context for tracing a step: ``constrain`` and ``shards`` see this mesh (none: no change)."""
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def param_shardings(model_or_state, mesh: Mesh):
