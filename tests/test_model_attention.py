@@ -39,7 +39,7 @@ def reference(q, k, v, seg, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("implementation", ["xla", "jax"])
+@pytest.mark.parametrize("implementation", ["xla", "jax", "pallas"])
 def test_attention_matches_reference(causal, implementation):
     q, k, v = qkv()
     fn = jax.jit(attention, static_argnames=("causal", "implementation"))
@@ -54,11 +54,13 @@ def test_attention_rejects_unknown_implementation():
         attention(q, k, v, SEGMENTS, SEGMENTS, causal=True, implementation="flash9")
 
 
-def test_decoder_layer_kv_cache_matches_full_sequence():
-    """Prefill 4 tokens into a cache, decode 2 one by one: same outputs as one full pass."""
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_decoder_layer_kv_cache_matches_full_sequence(implementation):
+    """Prefill 4 tokens into a cache, decode 2 one by one: same outputs as one full pass ("pallas":
+    the flash kernel for the full pass, "jax" for the cached calls)."""
     cfg = TextConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2, mrope_section=(1, 0, 1))
-    layer = DecoderLayer(cfg, rngs=nnx.Rngs(0))
+    layer = DecoderLayer(cfg, rngs=nnx.Rngs(0), implementation=implementation)
     l, l_max = 6, 8
     x = jax.random.normal(jax.random.key(1), (1, l, cfg.hidden_size))
     pos = jnp.broadcast_to(jnp.arange(l), (1, 3, l))

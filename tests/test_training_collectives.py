@@ -69,9 +69,9 @@ ENTRY %main (a: f32[8,4]) -> f32[8,4] {
     assert sent["reduce-scatter"] == 0
 
 
-def test_sharded_step_equals_one_device(tiny_hf_dir):
-    """The real model's train step (constraints active under the step's mesh) on FSDP over 8
-    devices gives the loss, gradient norm and updated params of one device."""
+def _sharded_step(hf_dir, mesh_shape, attention_impl):
+    """One product train step (LM loss only, f32) of the real model on ``mesh_shape``: the loss,
+    gradient norm and updated params."""
     import jax
 
     from benchmarks.mfu import packed_batch
@@ -79,32 +79,44 @@ def test_sharded_step_equals_one_device(tiny_hf_dir):
     from bbu_jax.training import optimizer, train_state
     from bbu_jax.training import step as step_lib
 
-    def run(mesh_shape):
-        mesh = sharding.make_mesh(*mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
-        modules = task.build_modules(str(tiny_hf_dir), param_dtype=jnp.float32, compute_dtype=jnp.float32,
-                                     remat="full", attention_impl="xla", head=None, seed=0, mesh=mesh)
-        weights = task.loss_weights(lm=1.0, detection=0.0, bbox_l1=0, bbox_giou=0, objectness=0, caption=0,
-                                    match_class=0, match_bbox=0, match_giou=0, focal_alpha=0.25, focal_gamma=2)
-        graphdefs, params, rest = train_state.split_modules(modules)
-        loss_fn = task.make_loss_fn(graphdefs, rest, weights=weights, caption_vocab=None, lm_chunk=256,
-                                    matcher="scipy")
-        tx, _ = optimizer.make_optimizer(params, lrs={g: 1e-3 for g in optimizer.GROUPS}, warmup_steps=0,
-                                         total_steps=10, min_lr_ratio=1.0, weight_decay=0.01, b1=0.9,
-                                         b2=0.999, eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=0)
-        shardings = train_state.state_shardings(train_state.abstract_state(params, tx, 0),
-                                                task.param_shardings(modules, mesh), mesh)
-        fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=task.count_fn, tx=tx,
-                                     labels=optimizer.group_labels(params), state_shardings=shardings, mesh=mesh)
-        batch, _, _ = packed_batch(modules["model"].config, rows=8, tokens=128, segments=2, image_side=56)
-        dims = dict(B=8, L=128, P=batch["patches"].shape[1], S=2, M=1, C=1, NV=1, NT=1)
-        for name, shape in expected_shapes(dims).items():
-            batch.setdefault(name, np.zeros(shape, FIELDS[name][1]))
-        state, out = fn(train_state.create_state(params, tx, 0, shardings), {k: v[None] for k, v in batch.items()})
-        return jax.device_get((out["metrics"]["loss"][0], out["metrics"]["grad_norm"][0], state["params"]))
+    mesh = sharding.make_mesh(*mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+    modules = task.build_modules(str(hf_dir), param_dtype=jnp.float32, compute_dtype=jnp.float32,
+                                 remat="full", attention_impl=attention_impl, head=None, seed=0, mesh=mesh)
+    weights = task.loss_weights(lm=1.0, detection=0.0, bbox_l1=0, bbox_giou=0, objectness=0, caption=0,
+                                match_class=0, match_bbox=0, match_giou=0, focal_alpha=0.25, focal_gamma=2)
+    graphdefs, params, rest = train_state.split_modules(modules)
+    loss_fn = task.make_loss_fn(graphdefs, rest, weights=weights, caption_vocab=None, lm_chunk=256,
+                                matcher="scipy")
+    tx, _ = optimizer.make_optimizer(params, lrs={g: 1e-3 for g in optimizer.GROUPS}, warmup_steps=0,
+                                     total_steps=10, min_lr_ratio=1.0, weight_decay=0.01, b1=0.9,
+                                     b2=0.999, eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=0)
+    shardings = train_state.state_shardings(train_state.abstract_state(params, tx, 0),
+                                            task.param_shardings(modules, mesh), mesh)
+    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=task.count_fn, tx=tx,
+                                 labels=optimizer.group_labels(params), state_shardings=shardings, mesh=mesh)
+    batch, _, _ = packed_batch(modules["model"].config, rows=8, tokens=128, segments=2, image_side=56)
+    dims = dict(B=8, L=128, P=batch["patches"].shape[1], S=2, M=1, C=1, NV=1, NT=1)
+    for name, shape in expected_shapes(dims).items():
+        batch.setdefault(name, np.zeros(shape, FIELDS[name][1]))
+    state, out = fn(train_state.create_state(params, tx, 0, shardings), {k: v[None] for k, v in batch.items()})
+    return jax.device_get((out["metrics"]["loss"][0], out["metrics"]["grad_norm"][0], state["params"]))
 
-    loss1, norm1, params1 = run((1, 1, 1))
-    loss8, norm8, params8 = run((1, 8, 1))
-    print(f"loss {loss1:.6f} vs {loss8:.6f}, grad norm {norm1:.6f} vs {norm8:.6f}")
+
+@pytest.fixture(scope="module")
+def one_device_step(tiny_hf_dir):
+    return _sharded_step(tiny_hf_dir, (1, 1, 1), "xla")
+
+
+@pytest.mark.parametrize("mesh_shape,attention_impl", [((1, 8, 1), "xla"), ((2, 2, 2), "pallas")])
+def test_sharded_step_equals_one_device(tiny_hf_dir, one_device_step, mesh_shape, attention_impl):
+    """The real model's train step (constraints active under the step's mesh) on 8 devices gives
+    the loss, gradient norm and updated params of one device: FSDP with the "xla" attention, and
+    data x FSDP x tensor with the "pallas" flash kernel (interpreted here, per shard via shard_map)."""
+    import jax
+
+    loss1, norm1, params1 = one_device_step
+    loss8, norm8, params8 = _sharded_step(tiny_hf_dir, mesh_shape, attention_impl)
+    print(f"{mesh_shape} {attention_impl}: loss {loss1:.6f} vs {loss8:.6f}, grad norm {norm1:.6f} vs {norm8:.6f}")
     assert loss8 == pytest.approx(loss1, rel=1e-5) and norm8 == pytest.approx(norm1, rel=1e-4)
     # AdamW's first step moves each weight by about lr * g / (|g| + eps): where |g| is near eps the
     # summation order shows, so params are compared to a tenth of the lr (a wrong gradient moves 2 lr)

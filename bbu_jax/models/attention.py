@@ -5,7 +5,10 @@ Rows with no visible key (padding queries) return 0, never NaN. ``implementation
 kernel: "xla" is an explicit masked softmax in f32, blocked over queries so that keys a block
 cannot see (causal future, outside a local window) are never scored -- on the CPU, where (L, L)
 f32 scores cost mostly memory traffic, this roughly halves causal attention; "jax" / "cudnn" are
-``jax.nn.dot_product_attention`` (cudnn: fused on GPU, scores never materialized).
+``jax.nn.dot_product_attention`` (cudnn: fused on GPU, scores never materialized, but every
+(query, key) pair of the row is computed and the mask travels as an (L, L) bias); "pallas" is
+``flash_attention.segment_flash_attention`` (fused, and only the blocks of keys a block of queries
+can see are computed) for self-attention, with "jax" for cross-attention and KV-cache decoding.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-IMPLEMENTATIONS = ("xla", "jax", "cudnn")
+from bbu_jax.models.flash_attention import segment_flash_attention
+
+IMPLEMENTATIONS = ("xla", "jax", "cudnn", "pallas")
 
 
 def attention_mask(q_segment_ids: Int[Array, "b lq"], kv_segment_ids: Int[Array, "b lk"], *,
@@ -42,6 +47,10 @@ def attention(q: Float[Array, "b lq hq d"], k: Float[Array, "b lk hkv d"], v: Fl
     if hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} kv heads")
     scale = d**-0.5 if scale is None else scale
+    if implementation == "pallas":
+        if q_segment_ids is kv_segment_ids and isinstance(q_offset, int) and q_offset == 0:
+            return segment_flash_attention(q, k, v, q_segment_ids, causal=causal, scale=scale)
+        implementation = "jax"  # cross-attention, decoding against a KV cache: small score matrices
     if implementation == "xla":
         return _blocked_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset,
                                   scale=scale, local_window=local_window)

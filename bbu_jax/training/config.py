@@ -12,7 +12,7 @@ import ml_collections
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+ATTENTION_IMPLS = ("xla", "jax", "cudnn", "pallas")
 MATCHERS = ("scipy", "optax")
 LANGUAGES = ("zh", "en")
 COLLATORS = ("packed", "standard")
