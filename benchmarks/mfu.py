@@ -15,11 +15,16 @@ matmul measured in the same run.
 
 Attention (``--attention``): "xla" builds masked (B, H, L, L) scores (CPU reference); "cudnn"
 (jax.nn.dot_product_attention, implementation="cudnn") is fused on GPU: scores are never
-materialized (the segment mask still travels as a (B, 1, L, L) boolean -> bias operand). Default:
-cudnn on GPU, xla elsewhere. Remat (``--remat``): "full" recomputes each layer in the backward
-pass (needed for 8192-token rows at 3B), or a jax.checkpoint_policies name.
+materialized, but it multiplies every (query, key) pair of the row (the segment mask travels as a
+(B, 1, L, L) boolean -> bias operand); "pallas" (``flash_attention.segment_flash_attention``,
+Triton) is fused and visits only the key blocks each query block can see. Default: cudnn on GPU,
+xla elsewhere. ``--pairs_only`` prints, without a model or device, the pairs each GPU kernel
+computes for the batch against the pairs needed. Remat (``--remat``): "full" recomputes each layer
+in the backward pass (needed for 8192-token rows at 3B), or a jax.checkpoint_policies name.
 
   python benchmarks/mfu.py                 # 3B shape, bf16, 1 row of 8192 tokens (GPU)
+  python benchmarks/mfu.py --attention pallas
+  python benchmarks/mfu.py --pairs_only    # attention work per kernel (any machine)
   python benchmarks/mfu.py --tiny          # same code, tiny size, CPU (CI; not for timing)
 
 Last line: `mfu: X% of PEAK TFLOP/s (...), N tokens/s/device`.
@@ -88,6 +93,38 @@ def step_flops(cfg, *, segments: Sequence[Sequence[int]],
             win, full = _attended_pairs_vision(grid, v)
             fwd += 4 * v.hidden_size * (n_window_layers * win + len(v.fullatt_block_indexes) * full)
     return 3 * fwd
+
+
+def attention_pairs(batch: dict[str, np.ndarray], implementation: str) -> dict[str, tuple[int, int]]:
+    """(computed, needed) (query, key) pairs of one forward layer, summed over rows, for the text
+    ("causal within each segment"), the vision windows and the vision tower's full layers. Needed:
+    the visible pairs. Computed: what the kernel multiplies -- every pair of the row for "jax" /
+    "cudnn" (the mask is applied to the scores), the visited blocks for "pallas"; "xla" is left
+    out (its query-block skipping is a CPU measure)."""
+    import jax.numpy as jnp
+
+    from bbu_jax.models.flash_attention import FORWARD_BLOCKS, padded_length, visible_block_ranges
+
+    out = {}
+    for name, key, causal in (("text", "segment_ids", True), ("vision windows", "patch_window_ids", False),
+                              ("vision full", "patch_image_ids", False)):
+        seg = batch[key]
+        needed = 0
+        for row in seg:
+            for sid in np.unique(row[row > 0]):
+                n = int((row == sid).sum())
+                needed += n * (n + 1) // 2 if causal else n * n
+        if implementation in ("jax", "cudnn"):
+            computed = seg.shape[0] * seg.shape[1] ** 2
+        elif implementation == "pallas":
+            bq, bk = FORWARD_BLOCKS[causal]
+            padded = np.pad(seg, ((0, 0), (0, padded_length(seg.shape[1]) - seg.shape[1])))
+            lo, hi = visible_block_ranges(jnp.asarray(padded), bq, bk, causal=causal, of_queries=True)
+            computed = int(np.asarray(hi - lo).sum()) * bq * bk
+        else:
+            continue
+        out[name] = (computed, needed)
+    return out
 
 
 # ----------------------------------------------------------------------------- batch
@@ -196,8 +233,10 @@ def main() -> None:
     p.add_argument("--segments", type=int, default=None, help="samples per row (default 4; tiny 2)")
     p.add_argument("--image_side", type=int, default=None, help="pixels (default 448; tiny 112)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"), help="default bf16; tiny f32")
-    p.add_argument("--attention", default=None, choices=("xla", "jax", "cudnn"),
+    p.add_argument("--attention", default=None, choices=("xla", "jax", "cudnn", "pallas"),
                    help="default cudnn on GPU, xla otherwise")
+    p.add_argument("--pairs_only", action="store_true",
+                   help="print the attention pairs each GPU kernel computes for this batch (no model, no device)")
     p.add_argument("--remat", default="full", help='"none", "full" or a jax.checkpoint_policies name')
     p.add_argument("--lm_chunk", type=int, default=2048)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; tiny 2)")
@@ -212,6 +251,7 @@ def main() -> None:
     import optax
     from flax import nnx
 
+    from bbu_jax.models.flash_attention import padded_head_dim
     from bbu_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
 
     def pick(value, full, tiny):
@@ -224,6 +264,34 @@ def main() -> None:
     attention = args.attention or ("cudnn" if dev.platform == "gpu" else "xla")
     cfg = tiny_config() if args.tiny else Qwen25VLConfig()
     dtype = jnp.dtype(dtype_name)
+
+    if args.pairs_only:
+        batch_np, seg_lens, grids = packed_batch(cfg, rows=args.rows, tokens=tokens, segments=segments,
+                                                 image_side=image_side)
+        t, v = cfg.text, cfg.vision
+        n_full = len(v.fullatt_block_indexes)
+        # forward FLOPs per pair, all layers of that kind (QK^T and PV: 4 x heads x head dim)
+        def per_pair(name, impl):
+            if name == "text":
+                return 4 * t.num_attention_heads * t.head_dim * t.num_hidden_layers
+            head_dim = padded_head_dim(v.head_dim) if impl == "pallas" else v.head_dim
+            return 4 * v.num_heads * head_dim * (n_full if name == "vision full" else v.depth - n_full)
+
+        print(f"attention pairs per layer, {args.rows} x {tokens} tokens, {segments} samples/row, one "
+              f"{image_side}^2 image each: computed / needed, forward TFLOP over all layers")
+        fwd = {}
+        for impl in ("cudnn", "pallas"):
+            for name, (computed, needed) in attention_pairs(batch_np, impl).items():
+                flops = computed * per_pair(name, impl)
+                fwd[impl] = fwd.get(impl, 0) + flops
+                print(f"  {impl:7} {name:15} {computed / 1e6:8.4g} M / {needed / 1e6:8.4g} M = "
+                      f"{computed / needed:5.2f}x   {flops / 1e12:8.4g} TFLOP")
+        model = step_flops(cfg, segments=seg_lens, images=grids)
+        print(f"model TFLOP per step (3 x forward, needed pairs only): {model / 1e12:.4g}; a step computes the "
+              f"attention forward ~4.5x (forward, remat forward, backward ~2.5x)")
+        print(f"attention_pairs: attention forward {fwd['cudnn'] / 1e12:.4g} TFLOP (cudnn) -> "
+              f"{fwd['pallas'] / 1e12:.4g} TFLOP (pallas)")
+        return
 
     t0 = time.perf_counter()
     with jax.default_device(dev):

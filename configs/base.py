@@ -24,7 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.compute_dtype = "bfloat16"  # matmul dtype; norms, softmax and losses stay float32
     c.remat_policy = "full"  # none | full | a jax.checkpoint_policies name (decoder/vision blocks)
     c.scan_layers = True  # False unrolls the layer loops: faster small-model CPU steps, compile grows with depth
-    c.attention_impl = "cudnn"  # xla | jax | cudnn (flash attention with segment masks on GPU)
+    # xla | jax | cudnn | pallas. cudnn: fused, multiplies every pair of a packed row (segment mask
+    # as a bias); pallas: fused, only the blocks a block can see (8x less text attention work on
+    # 4-sample 8192-token rows, benchmarks/mfu.py --pairs_only). Neither has run on a GPU yet.
+    c.attention_impl = "cudnn"
 
     # --- data ---
     c.train_jsonl = "data/train.jsonl"

@@ -11,10 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_tiny(script: str) -> tuple[str, str]:
-    """(stdout, its last line) of ``benchmarks/SCRIPT --tiny --no-record``."""
+def _run_tiny(script: str, *args: str) -> tuple[str, str]:
+    """(stdout, its last line) of ``benchmarks/SCRIPT --tiny --no-record ARGS``."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--no-record"],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--no-record", *args],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout, out.stdout.strip().splitlines()[-1]
@@ -42,6 +42,29 @@ def test_step_flops_by_hand():
     vis = 1176 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64)
     fwd += 2 * 64 * vis + 2 * 16 * (128 * 128 + 128 * 64) + 4 * 32 * 2 * 64 * 64
     assert got == pytest.approx(3 * fwd)
+
+
+def test_attention_pairs_by_hand():
+    """A 512-token row of two causal 256-token samples: cudnn multiplies all 512^2 pairs; the
+    pallas kernel's 128-query blocks visit 2, 4, 2, 4 key blocks of 64 (12 of 32); not causal, its
+    64-query blocks visit exactly their sample's 4 key blocks."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.mfu import attention_pairs
+
+    seg = np.repeat([[1, 2]], 256, axis=1).astype(np.int32)
+    batch = {"segment_ids": seg, "patch_window_ids": seg, "patch_image_ids": seg}
+    needed = 2 * 256 * 257 // 2
+    assert attention_pairs(batch, "cudnn")["text"] == (512**2, needed)
+    assert attention_pairs(batch, "pallas")["text"] == (12 * 128 * 64, needed)
+    assert attention_pairs(batch, "pallas")["vision full"] == (2 * 256**2, 2 * 256**2)
+
+
+def test_mfu_pairs_only_prints_headline():
+    _, last = _run_tiny("mfu.py", "--pairs_only")
+    m = re.fullmatch(r"attention_pairs: attention forward (\S+) TFLOP \(cudnn\) -> (\S+) TFLOP \(pallas\)", last)
+    assert m and float(m.group(2)) < float(m.group(1)), last
 
 
 def test_collectives_tiny_prints_headline():
