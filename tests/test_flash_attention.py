@@ -59,6 +59,25 @@ def test_matches_xla_kernel(causal, hq, hkv, d, length, max_run):
     assert np.all(np.asarray(out)[np.asarray(seg) == 0] == 0)
 
 
+def test_bfloat16_inputs():
+    """bf16 q/k/v (the GPU compute dtype): products in bf16, softmax in f32; against the f32
+    "xla" kernel on the same rounded inputs the error is bf16's (P and dS are rounded to bf16)."""
+    rng = np.random.default_rng(2)
+    seg = jnp.asarray(_packed(rng, 1, 256, 100))
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 256, 4, 64)), jnp.bfloat16) for _ in range(3))
+    w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def run(impl, *qkv):
+        f = lambda q, k, v: (attention(q, k, v, seg, seg, causal=True, implementation=impl) * w).sum()
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*qkv)[1]
+
+    got = run("pallas", q, k, v)
+    want = run("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+    errs = [_rel(g.astype(jnp.float32), r) for g, r in zip(got, want)]
+    print("bf16 rel err dq dk dv", " ".join(f"{e:.1e}" for e in errs))
+    assert all(g.dtype == jnp.bfloat16 for g in got) and max(errs) < 2e-2
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("of_queries", [True, False])
 def test_block_ranges_cover_the_visible_pairs(causal, of_queries):
