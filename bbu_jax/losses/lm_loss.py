@@ -89,10 +89,10 @@ def _scan_chunks(hidden, lm_head, targets, live, weights, positions, dtype, with
     """(sum w * nll, nll (b, l), [d hidden (b, l, d) f32, d lm_head (v, d) f32])."""
     b, l, d = hidden.shape
     v = lm_head.shape[0]
-    # Under a mesh: the head is gathered over fsdp once, not in every chunk, and each device sums
-    # its own rows' head gradient (one partial per row group), so the whole step all-reduces it
-    # once after the loop instead of once per chunk.
-    lm_head = constrain(lm_head, ("vocab", None))
+    # Under a mesh: the head is cast where it lies and gathered over fsdp once (compute-dtype
+    # bytes), not in every chunk, and each device sums its own rows' head gradient (one partial per
+    # row group), so the whole step all-reduces it once after the loop instead of once per chunk.
+    lm_head = constrain(constrain(lm_head.astype(dtype), ("vocab", "embed")), ("vocab", None))
     groups = shards("batch", b)
     order = jnp.argsort(~live, axis=1, stable=True)  # live tokens first in every row
     xs = tuple(_to_chunks(x, order, positions) for x in (hidden, targets, live, weights))

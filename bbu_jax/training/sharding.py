@@ -8,11 +8,13 @@ so tiny test models shard on any mesh.
 
 Activations get the same names through ``constrain`` inside code traced under ``mesh_context``
 (the jitted train and eval steps): left alone, GSPMD follows fsdp-split kernels and splits
-activations by width (``benchmarks/collectives.py`` measures what a step sends).
+activations by width (``benchmarks/collectives.py`` measures what a step sends). Weights reach
+their products through ``gathered_weight``: cast on their shard, gathered once per use.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -75,6 +77,37 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def gathered_weight(w: jax.Array, axes: tuple[str | None, ...], compute_axes: tuple[str | None, ...],
+                    dtype) -> jax.Array:
+    """``w`` in the compute ``dtype``, laid out as ``compute_axes`` (e.g. the fsdp split of
+    "embed" dropped, the tensor split kept), for a product inside a step traced under a mesh.
+
+    Cast before the gather, so FSDP moves compute-dtype bytes, and one value for the forward, the
+    rematerialized forward and the backward's products: left to GSPMD, the backward gathered the
+    f32 weight again for dx = dy w^T. The gradient comes back in w's dtype, reduced and split as
+    ``axes``. Without a mesh this is ``w.astype(dtype)``."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return w.astype(dtype)
+    return _gathered_weight(w, tuple(axes), tuple(compute_axes), jax.numpy.dtype(dtype), w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _gathered_weight(w, axes, compute_axes, dtype, w_dtype):
+    # cast where w lies (its own split), then lay it out for the product
+    return constrain(constrain(w.astype(dtype), axes), compute_axes)
+
+
+def _gathered_weight_fwd(w, axes, compute_axes, dtype, w_dtype):
+    return _gathered_weight(w, axes, compute_axes, dtype, w_dtype), None
+
+
+def _gathered_weight_bwd(axes, compute_axes, dtype, w_dtype, _, ct):
+    return (constrain(ct.astype(w_dtype), axes),)
+
+
+_gathered_weight.defvjp(_gathered_weight_fwd, _gathered_weight_bwd)
 
 
 def shards(axis: str, dim: int) -> int:

@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int
 
 from bbu_jax.models.attention import attention
 from bbu_jax.models.qwen2_5_vl.config import TextConfig
-from bbu_jax.training.sharding import constrain
+from bbu_jax.training.sharding import constrain, gathered_weight
 
 Axes = tuple[str | None, ...]
 LAYERS_AXIS = "layers"
@@ -66,6 +66,7 @@ class Dense(nnx.Module):
                  compute_dtype=jnp.float32, param_dtype=jnp.float32):
         init = jax.nn.initializers.normal(0.02)
         self.kernel = param(init(rngs.params(), (din, dout), param_dtype), axes)
+        self.kernel_axes = tuple(axes)
         self.bias = param(jnp.zeros((dout,), param_dtype), axes[1:]) if use_bias else None
         self.compute_dtype = compute_dtype
         # Activations are split over tokens (and over heads / mlp units under tensor parallelism),
@@ -78,8 +79,8 @@ class Dense(nnx.Module):
         # reads in place; contracting (batch, length) made it write a transposed copy of dy first.
         lead = x.shape[:-1]
         x = constrain(x.reshape(-1, x.shape[-1]), ("batch", self.activation_axes[0]))
-        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype),
-                    preferred_element_type=jnp.float32)
+        kernel = gathered_weight(self.kernel[...], self.kernel_axes, self.activation_axes, self.compute_dtype)
+        y = jnp.dot(x.astype(self.compute_dtype), kernel, preferred_element_type=jnp.float32)
         y = constrain(y, ("batch", self.activation_axes[1])).reshape(*lead, y.shape[-1])
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
