@@ -110,7 +110,9 @@ def test_block_ranges_cover_the_visible_pairs(causal, of_queries):
 def test_3b_step_lowers_to_triton(monkeypatch):
     """The 3B train step with attention "pallas" (scanned layers, remat, the vision tower's
     window / full branches, bf16), lowered for CUDA without a GPU: every attention is one of the
-    three Triton kernels (forward, run again by remat; dK/dV; dQ), for text and both vision kinds."""
+    three Triton kernels (forward, run again by remat; dK/dV; dQ), for text and both vision kinds,
+    and every weight product, forward and backward, multiplies bf16 operands (f32 gradients
+    reaching the products made the backward's f32)."""
     import optax
     from flax import nnx
 
@@ -131,3 +133,7 @@ def test_3b_step_lowers_to_triton(monkeypatch):
     calls = re.findall(r'custom_call @__gpu\$xla\.gpu\.triton\(.*?name = "([a-z_]+)"', text)
     per_kind = {"segment_flash_forward": 2, "segment_flash_dkdv": 1, "segment_flash_dq": 1}
     assert sorted(calls) == sorted(name for name, n in per_kind.items() for _ in range(3 * n)), calls
+    products = re.findall(r"stablehlo\.dot_general .*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)
+    matrix = [(a, b) for a, b in products if a.count("x") <= 3]  # (rows, features) x (in, out), LM head
+    assert len(matrix) > 50 and all(a.endswith("xbf16>") and b.endswith("xbf16>") for a, b in matrix), \
+        sorted({p for p in matrix if "f32" in "".join(p)})
