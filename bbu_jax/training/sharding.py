@@ -90,7 +90,7 @@ def gathered_weight(w: jax.Array, axes: tuple[str | None, ...], compute_axes: tu
     ``axes``. Without a mesh this is ``w.astype(dtype)``."""
     if jax.sharding.get_abstract_mesh().empty:
         return w.astype(dtype)
-    return _gathered_weight(w, tuple(axes), tuple(compute_axes), jax.numpy.dtype(dtype), w.dtype)
+    return _gathered_weight(w, tuple(axes), tuple(compute_axes), np.dtype(dtype), w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
