@@ -174,7 +174,8 @@ def _specs(length: int, d: int, group: int, block: int):
     )
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, *, interpret: bool, name: str, num_warps: int):
+def _call(kernel, grid, in_specs, out_specs, out_shape, *, interpret: bool, name: str, head_dim: int):
+    num_warps = 8 if head_dim > 64 else 4  # JAX's Pallas mha heuristic
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                           compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
                           interpret=interpret, name=name)
@@ -191,7 +192,7 @@ def _forward(q, k, v, segment_ids, scale, causal, interpret):
                      [s["bound"], s["bound"], s["seg"], s["rows"], s["kv_all"], s["kv_all"]],
                      [s["rows"], s["stat_rows"]],
                      [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, length), jnp.float32)],
-                     interpret=interpret, name="segment_flash_forward", num_warps=8 if d > 64 else 4
+                     interpret=interpret, name="segment_flash_forward", head_dim=d
                      )(lo, hi, segment_ids, q, k, v)
     return out, lse
 
@@ -214,7 +215,6 @@ def _flash_bwd(scale, causal, interpret, res, do):
     bq, bk = BACKWARD_BLOCKS
     do = do.astype(q.dtype)
     delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), do.astype(jnp.float32))
-    warps = 8 if d > 64 else 4
 
     lo, hi = visible_block_ranges(segment_ids, bk, bq, causal=causal, of_queries=False)
     s = _specs(length, d, group, bk)
@@ -224,7 +224,7 @@ def _flash_bwd(scale, causal, interpret, res, do):
                    [s["bound"], s["bound"], s["seg"], s["q_all"], s["kv_rows"], s["kv_rows"], s["q_all"],
                     s["stat_all"], s["stat_all"]],
                    [s["rows"], s["rows"]], [per_head, per_head],
-                   interpret=interpret, name="segment_flash_dkdv", num_warps=warps
+                   interpret=interpret, name="segment_flash_dkdv", head_dim=d
                    )(lo, hi, segment_ids, q, k, v, do, lse, delta)
     dk = dk.reshape(b, length, hkv, group, d).sum(3).astype(k.dtype)
     dv = dv.reshape(b, length, hkv, group, d).sum(3).astype(v.dtype)
@@ -236,7 +236,7 @@ def _flash_bwd(scale, causal, interpret, res, do):
                [s["bound"], s["bound"], s["seg"], s["rows"], s["kv_all"], s["kv_all"], s["rows"],
                 s["stat_rows"], s["stat_rows"]],
                s["rows"], jax.ShapeDtypeStruct(q.shape, q.dtype),
-               interpret=interpret, name="segment_flash_dq", num_warps=warps
+               interpret=interpret, name="segment_flash_dq", head_dim=d
                )(lo, hi, segment_ids, q, k, v, do, lse, delta)
     return dq, dk, dv, None
 
