@@ -17,9 +17,7 @@ import tempfile
 import jax
 import numpy as np
 
-from bbu_jax.data.batch import FIELDS, expected_shapes
-from bbu_jax.training import optimizer, task, train_state
-from bbu_jax.training import step as step_lib
+from bbu_jax.training import task, train_state
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
@@ -117,20 +115,10 @@ def collective_bytes(hlo: str) -> dict[str, int]:
 def train_step_traffic(modules, mesh, dims: dict[str, int], *, weights, caption_vocab, lm_chunk: int
                        ) -> tuple[dict[str, int], int]:
     """({kind: bytes} per step, parameter bytes) of the product's train step
-    (``task`` loss, ``make_optimizer``, ``jit_train_step``) for ``modules`` (real or
-    ``nnx.eval_shape``d) on ``mesh``, one micro-batch of ``dims`` (``bbu_jax.data.batch``
-    budgets). Compiled only: nothing is allocated or run."""
-    graphdefs, params, rest = train_state.split_modules(modules)
-    loss_fn = task.make_loss_fn(graphdefs, rest, weights=weights, caption_vocab=caption_vocab,
-                                lm_chunk=lm_chunk, matcher="scipy")
-    tx, _ = optimizer.make_optimizer(params, lrs={g: 1e-5 for g in optimizer.GROUPS}, warmup_steps=0,
-                                     total_steps=10, min_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999,
-                                     eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=0)
-    abstract = train_state.abstract_state(params, tx, 0)
-    shardings = train_state.state_shardings(abstract, task.param_shardings(modules, mesh), mesh)
-    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=task.count_fn, tx=tx,
-                                 labels=optimizer.group_labels(params), state_shardings=shardings, mesh=mesh)
-    batch = {k: jax.ShapeDtypeStruct((1, *shape), FIELDS[k][1]) for k, shape in expected_shapes(dims).items()}
-    state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+    (``task.lower_train_step``) for ``modules`` on ``mesh``, one micro-batch of ``dims``.
+    Compiled only: nothing is allocated or run."""
+    lowered = task.lower_train_step(modules, mesh, dims, weights=weights, caption_vocab=caption_vocab,
+                                    lm_chunk=lm_chunk)
+    _, params, _ = train_state.split_modules(modules)
     param_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(params))
-    return collective_bytes(partitioned_hlo(fn.lower(state, batch))), param_bytes
+    return collective_bytes(partitioned_hlo(lowered)), param_bytes

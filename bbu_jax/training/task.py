@@ -11,11 +11,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from bbu_jax.data.batch import MODEL_INPUTS
+from bbu_jax.data.batch import FIELDS, MODEL_INPUTS, expected_shapes
 from bbu_jax.losses import LossWeights, MatchCost, loss_normalizers, multitask_loss
 from bbu_jax.models.detection_head import DetectionHead
 from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig, from_hf
-from bbu_jax.training import sharding, train_state
+from bbu_jax.training import optimizer, sharding, train_state
+from bbu_jax.training import step as step_lib
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -105,3 +106,23 @@ def model_flops_terms(cfg: Qwen25VLConfig, params) -> dict[str, int]:
 
 
 count_fn = loss_normalizers  # the units each loss term averages over (step.py's protocol)
+
+
+def lower_train_step(modules: Mapping[str, nnx.Module], mesh: Mesh, dims: dict[str, int], *,
+                     weights: LossWeights, caption_vocab: np.ndarray | None, lm_chunk: int) -> jax.stages.Lowered:
+    """The product's train step (this loss, ``make_optimizer``, ``jit_train_step``) for ``modules``
+    (real or ``nnx.eval_shape``d) on ``mesh``, lowered for one micro-batch of ``dims``
+    (``bbu_jax.data.batch`` budgets). Abstract: nothing is allocated, so a 3B step lowers on a laptop."""
+    graphdefs, params, rest = train_state.split_modules(modules)
+    loss_fn = make_loss_fn(graphdefs, rest, weights=weights, caption_vocab=caption_vocab, lm_chunk=lm_chunk,
+                           matcher="scipy")
+    tx, _ = optimizer.make_optimizer(params, lrs={g: 1e-5 for g in optimizer.GROUPS}, warmup_steps=0,
+                                     total_steps=10, min_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999,
+                                     eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=0)
+    abstract = train_state.abstract_state(params, tx, 0)
+    shardings = train_state.state_shardings(abstract, param_shardings(modules, mesh), mesh)
+    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=count_fn, tx=tx, labels=optimizer.group_labels(params),
+                                 state_shardings=shardings, mesh=mesh)
+    batch = {k: jax.ShapeDtypeStruct((1, *shape), FIELDS[k][1]) for k, shape in expected_shapes(dims).items()}
+    state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+    return fn.lower(state, batch)
