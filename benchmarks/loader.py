@@ -1,96 +1,124 @@
-"""Loader throughput and fill rate over the synthetic BBU dataset.
+"""Loader throughput at the 3B run's budgets, against what the 3B train step consumes.
 
-Measures tokens/s and batches/s of the packed loader with 0, 1, 2 grain workers (the first batch,
-which includes worker start-up and tokenizer loading, is excluded), and the fill rate (non-padding
-tokens and patches) of packed vs standard batches with the same budgets. Uses the tiny test
-tokenizer (bbu_jax.testing.tiny_hf), whose text is longer per character than Qwen's.
+The training loader (``make_train_iterator``) with ``configs/base.py``'s data settings: batches of
+``batch_rows`` rows x ``token_budget`` tokens / ``patch_budget`` patches, ``segments_per_row``
+samples per packed row, its pixel limits, teacher ratio, teacher count and language. The data are
+synthetic scenes enlarged ``--scale`` times (so conversion resizes them down to ``max_pixels`` as
+it would field photos), converted as ``scripts/convert_dataset.py`` does. Tokenizer: the tiny test
+tokenizer (``bbu_jax.testing.tiny_hf``; no model hub), whose text is longer per character than Qwen's.
 
-  python benchmarks/loader.py [--num_images 300] [--batches 40] [--workers 0 1 2]
+Consumption: each batch's model FLOPs for the 3B (``benchmarks.mfu.step_flops`` on the batch's own
+segments and image grids) at ``--mfu`` of ``--peak_tflops`` are the GPU-seconds of training it
+holds; GPU-seconds produced per second of loading = how many GPUs this loader keeps busy. Measured
+for the packed collator with 0 (in the main process), 1, 2 grain workers, and for the standard
+collator (one sample per row) alongside; the first batch (worker start-up, tokenizer loading) is
+excluded.
 
-Prints a table; the last line is `loader: packed_fill = X%`; appends a JSON record to
-benchmarks/results.jsonl.
+  python benchmarks/loader.py [--num_images 200] [--scale 2] [--batches 8] [--workers 0 1 2]
+
+Last line: `loader: N worker(s) feed X GPUs (3B step at 50% MFU, packed)`; appends a JSON record
+to benchmarks/results.jsonl.
 """
+from __future__ import annotations
+
 import argparse
 import dataclasses
-import datetime
-import json
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from bbu_jax.data.batch import check_batch
-from bbu_jax.data.collate import Budgets, fill_rate
-from bbu_jax.data.convert import convert_dataset
-from bbu_jax.data.pipeline import make_train_iterator
-from bbu_jax.data.synthetic import write_labelme_dataset
-from bbu_jax.testing.tiny_hf import write_tiny_qwen2_5_vl
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from benchmarks.mfu import batch_layout, step_flops  # noqa: E402
+from bbu_jax.data.batch import check_batch  # noqa: E402
+from bbu_jax.data.collate import fill_rate  # noqa: E402
+from bbu_jax.data.convert import convert_dataset  # noqa: E402
+from bbu_jax.data.pipeline import make_train_iterator  # noqa: E402
+from bbu_jax.data.synthetic import write_labelme_dataset  # noqa: E402
+from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig  # noqa: E402
+from bbu_jax.testing.tiny_hf import write_tiny_qwen2_5_vl  # noqa: E402
+from bbu_jax.training.run import budgets as config_budgets  # noqa: E402
+from configs.base import get_config  # noqa: E402
 
 
-def run(data, model, budgets, collator, workers, batches, args):
+def run(c, data: str, model: str, collator: str, workers: int, batches: int, gpu_flops: float) -> dict:
+    """Throughput, fill and the GPU-seconds of 3B training in ``batches`` batches of one loader."""
+    segments = c.segments_per_row if collator == "packed" else 1
+    budgets = config_budgets(c, rows=c.batch_rows, segments=segments)
     it = make_train_iterator(os.path.join(data, "train.jsonl"), os.path.join(data, "teacher_pool.jsonl"), model,
-                             budgets, collator=collator, teacher_ratio=args.teacher_ratio, max_teachers=2,
-                             min_pixels=args.min_pixels, max_pixels=args.max_pixels, language="en", seed=0,
+                             budgets, collator=collator, teacher_ratio=c.teacher_ratio, max_teachers=c.max_teachers,
+                             min_pixels=c.min_pixels, max_pixels=c.max_pixels, language=c.language, seed=0,
                              num_workers=workers)
     check_batch(next(it), budgets.dims())  # start-up excluded
-    tokens = patches = 0
-    fills = []
+    kept = []
     t0 = time.perf_counter()
     for _ in range(batches):
         b = next(it)
-        tokens += int((b["segment_ids"] > 0).sum())
-        patches += int((b["patch_image_ids"] > 0).sum())
-        fills.append(fill_rate(b))
+        kept.append({k: b[k] for k in ("segment_ids", "patch_image_ids", "patch_pos")})
     dt = time.perf_counter() - t0
     if hasattr(it, "close"):
         it.close()
-    f = np.mean(fills, 0)
-    return {"collator": collator, "workers": workers, "batches_per_s": batches / dt, "tokens_per_s": tokens / dt,
-            "patches_per_s": patches / dt, "token_fill": float(f[0]), "patch_fill": float(f[1]),
-            "segments_per_row": None}
+    cfg = Qwen25VLConfig()  # the 3B
+    layouts = [batch_layout(b) for b in kept]
+    work = sum(step_flops(cfg, segments=s, images=g) for s, g in layouts)
+    fills = np.mean([fill_rate(b) for b in kept], 0)
+    tokens = sum(int((b["segment_ids"] > 0).sum()) for b in kept)
+    patches = sum(int((b["patch_image_ids"] > 0).sum()) for b in kept)
+    samples = sum(len(row) for segments, _ in layouts for row in segments)
+    return {"collator": collator, "workers": workers, "rows_per_s": batches * budgets.rows / dt,
+            "samples_per_s": samples / dt, "tokens_per_s": tokens / dt, "patches_per_s": patches / dt,
+            "token_fill": float(fills[0]), "patch_fill": float(fills[1]),
+            "samples_per_row": samples / (batches * budgets.rows),
+            "gpus_fed": work / gpu_flops / dt, "step_s_per_row": work / gpu_flops / (batches * budgets.rows)}
 
 
-def main():
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num_images", type=int, default=300)
-    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--num_images", type=int, default=200)
+    p.add_argument("--scale", type=int, default=2, help="enlarge the synthetic scenes (field photos exceed max_pixels)")
+    p.add_argument("--batches", type=int, default=8, help="timed batches per loader (batch_rows rows each)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--min_pixels", type=int, default=3136)
-    p.add_argument("--max_pixels", type=int, default=200704)
-    p.add_argument("--teacher_ratio", type=float, default=0.7)
-    p.add_argument("--rows", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=3584)  # ~ the data's tokens:patches ratio
-    p.add_argument("--patches", type=int, default=4096)
-    p.add_argument("--segments", type=int, default=8)
+    p.add_argument("--mfu", type=float, default=0.5, help="the 3B step's MFU the loader has to keep up with")
+    p.add_argument("--peak_tflops", type=float, default=None, help="per GPU (default: configs/base.py's)")
+    p.add_argument("--no-record", dest="record", action="store_false")
     args = p.parse_args()
-    budgets = Budgets(rows=args.rows, tokens=args.tokens, patches=args.patches, segments=args.segments,
-                      objects=16, caption_tokens=48, vision_memory=256, text_memory=64)
+    c = get_config()
+    peak = args.peak_tflops or c.peak_tflops_per_device
+    gpu_flops = args.mfu * peak * 1e12
     with tempfile.TemporaryDirectory() as tmp:
         raw, data = os.path.join(tmp, "raw"), os.path.join(tmp, "data")
-        write_labelme_dataset(raw, args.num_images, seed=0)
-        convert_dataset(raw, "labelme", data, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                        val_ratio=0.1, teacher_pool_size=8, seed=0, language="en", progress=False)
+        write_labelme_dataset(raw, args.num_images, seed=0, scale=args.scale)
+        convert_dataset(raw, "labelme", data, min_pixels=c.min_pixels, max_pixels=c.max_pixels, val_ratio=0.1,
+                        teacher_pool_size=max(1, args.num_images // 10), seed=0, language=c.language, progress=False)
         model = str(write_tiny_qwen2_5_vl(os.path.join(tmp, "tiny")))
-        rows = [run(data, model, budgets, "standard", 0, args.batches, args)]
-        rows += [run(data, model, budgets, "packed", w, args.batches, args) for w in args.workers]
-    print(f"budgets: {dataclasses.asdict(budgets)}; cpus: {os.cpu_count()}")
-    print(f"{'collator':9} {'workers':>7} {'batches/s':>10} {'tokens/s':>10} {'patches/s':>10} {'token fill':>10} {'patch fill':>10}")
+        rows = [run(c, data, model, "standard", 0, args.batches, gpu_flops)]
+        rows += [run(c, data, model, "packed", w, args.batches, gpu_flops) for w in args.workers]
+    budgets = dataclasses.asdict(config_budgets(c, rows=c.batch_rows, segments=c.segments_per_row))
+    print(f"configs/base.py budgets {budgets}; pixels {c.min_pixels}..{c.max_pixels}, teacher ratio "
+          f"{c.teacher_ratio}, max teachers {c.max_teachers}, language {c.language}; scenes x{args.scale}; "
+          f"{os.cpu_count()} cpus; consumption: 3B step at {args.mfu:.0%} MFU of {peak:g} TFLOP/s per GPU")
+    print(f"{'collator':9} {'workers':>7} {'rows/s':>7} {'samples/s':>9} {'tokens/s':>9} {'patches/s':>9} "
+          f"{'token fill':>10} {'patch fill':>10} {'samples/row':>11} {'GPU s/row':>9} {'GPUs fed':>8}")
     for r in rows:
-        print(f"{r['collator']:9} {r['workers']:>7} {r['batches_per_s']:>10.2f} {r['tokens_per_s']:>10.0f} "
-              f"{r['patches_per_s']:>10.0f} {r['token_fill']:>10.1%} {r['patch_fill']:>10.1%}")
+        print(f"{r['collator']:9} {r['workers']:>7} {r['rows_per_s']:>7.2f} {r['samples_per_s']:>9.1f} "
+              f"{r['tokens_per_s']:>9.0f} {r['patches_per_s']:>9.0f} {r['token_fill']:>10.1%} {r['patch_fill']:>10.1%} "
+              f"{r['samples_per_row']:>11.2f} {r['step_s_per_row']:>9.3f} {r['gpus_fed']:>8.2f}")
     packed = [r for r in rows if r["collator"] == "packed"]
-    packed_fill = float(np.mean([r["token_fill"] for r in packed]))
-    std_fill = rows[0]["token_fill"]
-    print(f"packed/standard token fill ratio: {packed_fill / std_fill:.2f}x")
-    record = {"benchmark": "loader", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "cpus": os.cpu_count(), "budgets": dataclasses.asdict(budgets), "args": vars(args),
-              "results": rows, "packed_token_fill": packed_fill, "standard_token_fill": std_fill}
-    with open(os.path.join(HERE, "results.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"loader: packed_fill = {100 * packed_fill:.1f}%")
+    print(f"packed/standard token fill ratio: {np.mean([r['token_fill'] for r in packed]) / rows[0]['token_fill']:.2f}x")
+    head = next((r for r in packed if r["workers"] == 1), packed[0])
+    headline = (f"loader: {head['workers']} worker(s) feed {head['gpus_fed']:.2f} GPUs "
+                f"(3B step at {args.mfu:.0%} MFU, packed)")
+    if not args.record:
+        print(headline)
+        return
+    from benchmarks._common import record
+
+    record("loader", headline, budgets=budgets, scale=args.scale, num_images=args.num_images,
+           batches=args.batches, mfu=args.mfu, peak_tflops=peak, results=rows)
 
 
 if __name__ == "__main__":

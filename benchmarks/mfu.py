@@ -95,6 +95,23 @@ def step_flops(cfg, *, segments: Sequence[Sequence[int]],
     return 3 * fwd
 
 
+def batch_layout(batch: dict[str, np.ndarray]) -> tuple[list[list[int]], list[list[tuple[int, int, int]]]]:
+    """(segment lengths, image grids (1, h, w) in patches) of each row of a bbu_jax batch: what
+    ``step_flops`` needs, read from segment_ids, patch_image_ids and patch_pos."""
+    segments, grids = [], []
+    for seg, img, pos in zip(batch["segment_ids"], batch["patch_image_ids"], batch["patch_pos"]):
+        segments.append([int(n) for n in np.bincount(seg[seg > 0]) if n])
+        row = []
+        for i in np.unique(img[img > 0]):
+            p = pos[img == i]
+            h, w = int(p[:, 0].max()) + 1, int(p[:, 1].max()) + 1
+            if h * w != len(p):
+                raise ValueError(f"image {i}: {len(p)} patches do not fill its {h} x {w} grid")
+            row.append((1, h, w))
+        grids.append(row)
+    return segments, grids
+
+
 def attention_pairs(batch: dict[str, np.ndarray], implementation: str) -> dict[str, tuple[int, int]]:
     """(computed, needed) (query, key) pairs of one forward layer, summed over rows, for the text
     ("causal within each segment"), the vision windows and the vision tower's full layers. Needed:

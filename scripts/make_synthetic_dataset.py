@@ -1,6 +1,6 @@
 """Write synthetic BBU rack scenes as LabelMe data (+ desc_map.json, the zh->en table).
 
-  python scripts/make_synthetic_dataset.py --output_dir RAW --num_images 300 --seed 0
+  python scripts/make_synthetic_dataset.py --output_dir RAW --num_images 300 --seed 0 [--scale 2]
 """
 import argparse
 
@@ -12,8 +12,10 @@ def main(argv=None) -> None:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--num_images", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--scale", type=int, default=1,
+                   help="enlarge each scene by this factor (photos larger than max_pixels, resized at conversion)")
     args = p.parse_args(argv)
-    stems = write_labelme_dataset(args.output_dir, args.num_images, args.seed)
+    stems = write_labelme_dataset(args.output_dir, args.num_images, args.seed, scale=args.scale)
     print(f"wrote {len(stems)} images to {args.output_dir}")
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/mfu.py and benchmarks/collectives.py run end to end at their tiny size (same code as
+"""benchmarks/mfu.py, collectives.py and loader.py run end to end at their tiny size (same code as
 the 3B runs) and print their headlines; mfu's FLOP count is checked by hand on a small case."""
 import os
 import re
@@ -44,6 +44,28 @@ def test_step_flops_by_hand():
     assert got == pytest.approx(3 * fwd)
 
 
+
+def test_batch_layout_reads_segments_and_grids():
+    """What the loader benchmark feeds step_flops: segment lengths and image grids read back from a
+    batch equal the ones the batch was built from (packed rows; a row of non-square images)."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.mfu import batch_layout, packed_batch, tiny_config
+    from bbu_jax.models.qwen2_5_vl import host
+
+    cfg = tiny_config()
+    batch, seg_lens, grids = packed_batch(cfg, rows=2, tokens=256, segments=2, image_side=112)
+    assert batch_layout(batch) == (seg_lens, grids)
+    shapes = [(1, 4, 6), (1, 8, 8), (1, 2, 2)]
+    lay = host.vision_layout(shapes, window_size=112, patch_size=14, spatial_merge_size=2)
+    seg = np.array([[1, 1, 1, 2, 2, 0]])
+    got = batch_layout({"segment_ids": seg, "patch_image_ids": lay.image_ids[None], "patch_pos": lay.pos[None]})
+    assert got == ([[3, 2]], [shapes])
+    with pytest.raises(ValueError, match="do not fill"):
+        batch_layout({"segment_ids": seg, "patch_image_ids": lay.image_ids[None, :-1],
+                      "patch_pos": lay.pos[None, :-1]})
+
 def test_attention_pairs_by_hand():
     """A 512-token row of two causal 256-token samples: cudnn multiplies all 512^2 pairs; the
     pallas kernel's 128-query blocks visit 2, 4, 2, 4 key blocks of 64 (12 of 32); not causal, its
@@ -75,3 +97,20 @@ def test_collectives_tiny_prints_headline():
                      r"\S+ GiB gathered \((\S+) x params\)", last)
     assert m, last
     assert 0.95 < float(m.group(1)) < 1.05 and 0.5 < float(m.group(2)) < 1.05
+
+
+def test_loader_at_3b_budgets_prints_headline():
+    """benchmarks/loader.py end to end on a few small scenes: the 3B budgets of configs/base.py, the
+    packed loader in the main process, and the GPUs its batches keep busy."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader.py"), "--num_images", "12", "--scale",
+                          "1", "--batches", "1", "--workers", "0", "--no-record"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    m = re.fullmatch(r"loader: 0 worker\(s\) feed (\S+) GPUs \(3B step at 50% MFU, packed\)", lines[-1])
+    assert m and float(m.group(1)) > 0, lines[-1]
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("standard", "packed"))}
+    # packing puts several samples in a row: more samples per row, more of the token budget used
+    assert float(rows["packed"][8]) > float(rows["standard"][8]) == 1.0
+    assert float(rows["packed"][6].rstrip("%")) > float(rows["standard"][6].rstrip("%"))

@@ -39,6 +39,19 @@ def test_synthetic_is_seeded_and_covers_types(tmp_path, raw_dir):
     assert np.abs(imgs[0] - imgs[1]).mean() > 30
 
 
+
+def test_synthetic_scale_enlarges_scene_and_boxes(tmp_path, raw_dir):
+    synthetic.write_labelme_dataset(str(tmp_path), num_images=2, seed=3, scale=2)
+    for stem in ("bbu_3_00000", "bbu_3_00001"):
+        small, big = (json.loads((d / f"{stem}.json").read_text()) for d in (raw_dir, tmp_path))
+        assert (big["imageWidth"], big["imageHeight"]) == (2 * small["imageWidth"], 2 * small["imageHeight"])
+        assert Image.open(tmp_path / f"{stem}.jpg").size == (big["imageWidth"], big["imageHeight"])
+        assert [s["points"] for s in big["shapes"]] == [[[2 * v for v in p] for p in s["points"]]
+                                                        for s in small["shapes"]]
+        assert [s["label"] for s in big["shapes"]] == [s["label"] for s in small["shapes"]]
+    with pytest.raises(ValueError, match="scale"):
+        synthetic.write_labelme_dataset(str(tmp_path), num_images=1, seed=3, scale=0)
+
 def test_normalize_desc_and_map():
     assert desc.normalize_desc("  螺丝连接点 ／BBU安装螺丝、 连接正确 ") == "螺丝连接点/BBU安装螺丝/连接正确"
     assert desc.normalize_desc("ＢＢＵ（主机）/ a  b /") == "BBU(主机)/a b"

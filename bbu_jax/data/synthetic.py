@@ -151,14 +151,23 @@ def generate_scene(rng: np.random.Generator, width: int, height: int
     return img, objects
 
 
-def write_labelme_dataset(output_dir: str, num_images: int, seed: int) -> list[str]:
-    """Write `num_images` scenes as {stem}.jpg + {stem}.json (LabelMe 5) and desc_map.json."""
+def write_labelme_dataset(output_dir: str, num_images: int, seed: int, scale: int = 1) -> list[str]:
+    """Write `num_images` scenes as {stem}.jpg + {stem}.json (LabelMe 5) and desc_map.json.
+
+    scale > 1 enlarges each scene (and its boxes) by that factor: field photos are larger than
+    max_pixels, so conversion then resizes them down as it would a real photo."""
+    if scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
     os.makedirs(output_dir, exist_ok=True)
     stems = []
     for i in range(num_images):
         rng = np.random.default_rng([seed, i])
         w, h = int(rng.integers(10, 17)) * 28, int(rng.integers(8, 13)) * 28
         img, objects = generate_scene(rng, w, h)
+        if scale > 1:
+            w, h = w * scale, h * scale
+            img = img.resize((w, h), Image.Resampling.BICUBIC)
+            objects = [(tuple(v * scale for v in b), desc) for b, desc in objects]
         stem = f"bbu_{seed}_{i:05d}"
         _atomic_save(img, os.path.join(output_dir, stem + ".jpg"))
         shapes = [{"label": desc, "points": [[b[0], b[1]], [b[2], b[3]]], "group_id": None,
