@@ -19,6 +19,10 @@ MERGE_SIZE = 2
 FACTOR = PATCH_SIZE * MERGE_SIZE
 IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+# (3, 256): channel c of a uint8 pixel value v -> (float32(v * (1/255) in float64) - mean) / std,
+# the processor's arithmetic done once per value.
+NORMALIZED = (((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[:, None] - IMAGE_MEAN)
+              / IMAGE_STD).T.copy()
 # The 3B checkpoint's preprocessor_config.json.
 DEFAULT_MIN_PIXELS = 3136
 DEFAULT_MAX_PIXELS = 12845056
@@ -49,22 +53,21 @@ def resize_image(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.
     return image.resize((w, h), resample=Image.BICUBIC)
 
 
-def patchify(pixels: Float[np.ndarray, "c h w"]) -> Float[np.ndarray, "n 1176"]:
-    """Normalized (C, H, W) -> rows ordered (h-block, w-block, 2x2 inside), each (C, T, 14, 14)."""
-    c, h, w = pixels.shape
-    gh, gw = h // PATCH_SIZE, w // PATCH_SIZE
-    x = pixels.reshape(c, gh // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE, gw // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE)
-    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/2, gw/2, 2, 2, C, 14, 14)
-    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], TEMPORAL_PATCH_SIZE, *x.shape[5:]))
-    return np.ascontiguousarray(x).reshape(gh * gw, c * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE)
-
-
 def preprocess_image(image: Image.Image, min_pixels: int = DEFAULT_MIN_PIXELS,
                      max_pixels: int = DEFAULT_MAX_PIXELS
                      ) -> tuple[Float[np.ndarray, "n 1176"], Int[np.ndarray, "3"]]:
-    """PIL image -> (pixel rows float32 (N, 1176), grid_thw int64 (3,)) as the HF processor gives."""
+    """PIL image -> (pixel rows float32 (N, 1176), grid_thw int64 (3,)) as the HF processor gives.
+
+    Rows are ordered (h-block, w-block, 2x2 inside), each (C, T, 14, 14) with the frame repeated
+    over T. The uint8 pixels are put in that order first (1 byte each), then mapped through
+    NORMALIZED: the same values as normalizing every pixel, ~3x faster for the loader."""
     resized = np.asarray(resize_image(image, min_pixels, max_pixels))  # (H, W, 3) uint8
-    x = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
-    x = ((x - IMAGE_MEAN) / IMAGE_STD).transpose(2, 0, 1)
-    rows = patchify(x)
-    return rows, np.array([1, x.shape[1] // PATCH_SIZE, x.shape[2] // PATCH_SIZE], np.int64)
+    h, w, c = resized.shape
+    gh, gw = h // PATCH_SIZE, w // PATCH_SIZE
+    u = resized.reshape(gh // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE, gw // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE, c)
+    u = u.transpose(0, 3, 1, 4, 6, 2, 5).reshape(gh * gw, c, 1, PATCH_SIZE * PATCH_SIZE)  # (gh/2, gw/2, 2, 2, C, ..)
+    rows = np.empty((gh * gw, c, TEMPORAL_PATCH_SIZE, PATCH_SIZE * PATCH_SIZE), np.float32)
+    for ch in range(c):
+        np.take(NORMALIZED[ch], u[:, ch], out=rows[:, ch, :1])
+    rows[:, :, 1:] = rows[:, :, :1]
+    return rows.reshape(gh * gw, -1), np.array([1, gh, gw], np.int64)
