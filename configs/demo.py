@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.language = "en"
     c.min_pixels = 3136
     c.max_pixels = 50176  # 224x224 images: 256 patches, 64 image tokens (112x112 was too coarse for boxes)
+    c.data_workers = 0  # the tiny step is fed from the main process; no worker start-up on a laptop
 
     c.batch_rows = 2  # more, smaller steps learn faster at this size
     c.token_budget = 1024
