@@ -14,7 +14,7 @@ for the packed collator with 0 (in the main process), 1, 2 grain workers, and fo
 collator (one sample per row) alongside; the first batch (worker start-up, tokenizer loading) is
 excluded.
 
-  python benchmarks/loader.py [--num_images 200] [--scale 2] [--batches 8] [--workers 0 1 2]
+  python benchmarks/loader.py [--num_images 200] [--scale 2] [--batches 16] [--workers 0 1 2]
 
 Last line: `loader: N worker(s) feed X GPUs (3B step at 50% MFU, packed)`; appends a JSON record
 to benchmarks/results.jsonl.
@@ -80,7 +80,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num_images", type=int, default=200)
     p.add_argument("--scale", type=int, default=2, help="enlarge the synthetic scenes (field photos exceed max_pixels)")
-    p.add_argument("--batches", type=int, default=8, help="timed batches per loader (batch_rows rows each)")
+    p.add_argument("--batches", type=int, default=16, help="timed batches per loader (batch_rows rows each)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--mfu", type=float, default=0.5, help="the 3B step's MFU the loader has to keep up with")
     p.add_argument("--peak_tflops", type=float, default=None, help="per GPU (default: configs/base.py's)")

@@ -44,9 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.min_pixels = 3136
     c.max_pixels = 451584  # must equal the limits the dataset was converted with
     c.skip_bad_samples = True  # skip (and count) unreadable records instead of failing
-    # grain worker processes (0 = in the main process). One loader process makes about 5 of these
-    # 8-row batches a second on a 2-core VM, enough for ~1.5 H100s at 50% MFU (benchmarks/loader.py),
-    # so an 8-GPU host needs >= 6; each worker holds ~3 GB of host memory.
+    # grain worker processes (0 = in the main process). One loader process keeps 1.5-2.4 H100s busy
+    # at 50% MFU with these budgets (benchmarks/loader.py, one core of a shared VM), so an 8-GPU host
+    # needs >= 4-6; each worker holds ~3 GB of host memory.
     c.data_workers = 8
     c.check_budgets_on_start = True  # encode every train record once: fail early if one cannot fit
 
