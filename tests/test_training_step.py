@@ -131,6 +131,48 @@ def test_loop_stops_after_k_nonfinite_steps_keeping_last_good_checkpoint(single,
     assert lines[2]["train/skipped_steps"] == 1.0 and "train/lm_loss" not in lines[2]
 
 
+
+def test_loop_fetches_next_batch_while_the_step_runs(single, tmp_path, monkeypatch):
+    """The next batch is read (and sent) after a step is dispatched and before its results are
+    waited for, so host work overlaps the device; never before a possible checkpoint, whose saved
+    iterator position must be that of the saved state."""
+    make, fn, mesh = single
+    events = []
+    source = iter(grain.MapDataset.range(100).map(lambda i: toy.make_batch(int(i), rows=8)).to_iter_dataset())
+
+    class Batches:
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            events.append("fetch")
+            return next(source)
+
+    def step(state, batch):
+        events.append("step")
+        return fn(state, batch)
+
+    class Recorder(checkpointing.Checkpointer):
+        def save(self, step, state, **kw):
+            events.append("save")
+            return super().save(step, state, **kw)
+
+    get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: (events.append("wait"), get(x))[1])
+    ckpt = Recorder(tmp_path / "ckpt", max_to_keep=2, async_save=False)
+    logger = metrics_logging.RunLogger(tmp_path, is_main=True, total_steps=5)
+    result = loop.train_loop(
+        state=make(), train_step=step, batches=Batches(), accum=1,
+        batch_sharding=step_lib.accumulated_batch_sharding(mesh), data_iterator=source, checkpointer=ckpt,
+        logger=logger, start_step=0, total_steps=5, log_every=1, checkpoint_every=2, eval_every=0,
+        eval_fn=None, max_consecutive_nonfinite=2, lr_fns={}, step_flops=None, peak_flops=1.0,
+        token_count=lambda h: 1, meta={})
+    logger.close()
+    ckpt.close()
+    assert result.step == 5 and result.stop_reason == "done"
+    overlapped, checkpointed, last = ["step", "fetch", "wait"], ["step", "wait", "save"], ["step", "wait", "save"]
+    assert events == ["fetch", *overlapped, *checkpointed, "fetch", *overlapped, *checkpointed, "fetch", *last]
+
 def test_loop_logs_eval_scalars_and_image_grids(single, tmp_path):
     make, fn, mesh = single
     data = iter(grain.MapDataset.range(100).map(lambda i: toy.make_batch(int(i), rows=8)).to_iter_dataset())
