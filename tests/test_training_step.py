@@ -61,6 +61,17 @@ def test_sharded_step_matches_one_device(single):
         assert rel < 1e-5, rel
 
 
+
+def _train_loop(make, mesh, *, train_step, batches, data_iterator, ckpt, logger, total_steps, checkpoint_every,
+                eval_every=0, eval_fn=None):
+    """loop.train_loop on the toy task: one micro-batch, a log line every step, no FLOP count."""
+    return loop.train_loop(
+        state=make(), train_step=train_step, batches=batches, accum=1,
+        batch_sharding=step_lib.accumulated_batch_sharding(mesh), data_iterator=data_iterator, checkpointer=ckpt,
+        logger=logger, start_step=0, total_steps=total_steps, log_every=1, checkpoint_every=checkpoint_every,
+        eval_every=eval_every, eval_fn=eval_fn, max_consecutive_nonfinite=2, lr_fns={}, step_flops=None,
+        peak_flops=1.0, token_count=lambda h: 1, meta={})
+
 def test_accumulation_equals_one_big_batch(single):
     """2 micro-batches of 4 rows == 1 batch of 8 rows: token-weighted, not mean of means."""
     big = toy.make_batch(7, rows=8, accum=1)
@@ -111,12 +122,8 @@ def test_loop_stops_after_k_nonfinite_steps_keeping_last_good_checkpoint(single,
     data = iter(grain.MapDataset.range(100).map(batch).to_iter_dataset())
     ckpt = checkpointing.Checkpointer(tmp_path / "ckpt", max_to_keep=5, async_save=True)
     logger = metrics_logging.RunLogger(tmp_path, is_main=True, total_steps=10)
-    result = loop.train_loop(
-        state=make(), train_step=fn, batches=data, accum=1,
-        batch_sharding=step_lib.accumulated_batch_sharding(mesh), data_iterator=data, checkpointer=ckpt,
-        logger=logger, start_step=0, total_steps=10, log_every=1, checkpoint_every=1, eval_every=0,
-        eval_fn=None, max_consecutive_nonfinite=2, lr_fns={}, step_flops=None, peak_flops=1.0,
-        token_count=lambda h: 1, meta={})
+    result = _train_loop(make, mesh, train_step=fn, batches=data, data_iterator=data, ckpt=ckpt, logger=logger,
+                         total_steps=10, checkpoint_every=1)
     logger.close()
     assert result.stop_reason == "nonfinite" and result.step == 4
     assert ckpt.all_steps() == [1, 2] and result.last_checkpoint == 2
@@ -161,17 +168,15 @@ def test_loop_fetches_next_batch_while_the_step_runs(single, tmp_path, monkeypat
     monkeypatch.setattr(jax, "device_get", lambda x: (events.append("wait"), get(x))[1])
     ckpt = Recorder(tmp_path / "ckpt", max_to_keep=2, async_save=False)
     logger = metrics_logging.RunLogger(tmp_path, is_main=True, total_steps=5)
-    result = loop.train_loop(
-        state=make(), train_step=step, batches=Batches(), accum=1,
-        batch_sharding=step_lib.accumulated_batch_sharding(mesh), data_iterator=source, checkpointer=ckpt,
-        logger=logger, start_step=0, total_steps=5, log_every=1, checkpoint_every=2, eval_every=0,
-        eval_fn=None, max_consecutive_nonfinite=2, lr_fns={}, step_flops=None, peak_flops=1.0,
-        token_count=lambda h: 1, meta={})
+    result = _train_loop(make, mesh, train_step=step, batches=Batches(), data_iterator=source, ckpt=ckpt,
+                         logger=logger, total_steps=5, checkpoint_every=2)
     logger.close()
     ckpt.close()
     assert result.step == 5 and result.stop_reason == "done"
-    overlapped, checkpointed, last = ["step", "fetch", "wait"], ["step", "wait", "save"], ["step", "wait", "save"]
-    assert events == ["fetch", *overlapped, *checkpointed, "fetch", *overlapped, *checkpointed, "fetch", *last]
+    # steps 1, 3 read ahead before waiting; 2, 4 (checkpoint_every) and 5 (the last) are saved first
+    two_steps = ["fetch", "step", "fetch", "wait", "step", "wait", "save"]
+    assert events == two_steps * 2 + ["fetch", "step", "wait", "save"]
+
 
 def test_loop_logs_eval_scalars_and_image_grids(single, tmp_path):
     make, fn, mesh = single
@@ -184,12 +189,8 @@ def test_loop_logs_eval_scalars_and_image_grids(single, tmp_path):
         seen.append(step)
         return {"mAP50": 0.5, "boxes": np.zeros((2, 4, 4, 3), np.uint8)}
 
-    result = loop.train_loop(
-        state=make(), train_step=fn, batches=data, accum=1,
-        batch_sharding=step_lib.accumulated_batch_sharding(mesh), data_iterator=data, checkpointer=ckpt,
-        logger=logger, start_step=0, total_steps=2, log_every=1, checkpoint_every=5, eval_every=1,
-        eval_fn=eval_fn, max_consecutive_nonfinite=2, lr_fns={}, step_flops=None, peak_flops=1.0,
-        token_count=lambda h: 1, meta={})
+    result = _train_loop(make, mesh, train_step=fn, batches=data, data_iterator=data, ckpt=ckpt, logger=logger,
+                         total_steps=2, checkpoint_every=5, eval_every=1, eval_fn=eval_fn)
     logger.close()
     ckpt.close()
     assert seen == [1, 2] and result.last_eval_metrics == {"val/mAP50": 0.5}
