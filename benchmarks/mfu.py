@@ -194,11 +194,11 @@ def packed_batch(cfg, *, rows: int, tokens: int, segments: int, image_side: int,
         out["targets"].append(targets)
         out["target_kind"].append(kind)
         out["vision_token_index"].append(vti)
-        out["patches"].append(rng.standard_normal((patches_per_row, v.patch_dim), dtype=np.float32))
+        out["patches"].append(rng.integers(0, 256, (patches_per_row, v.in_channels * v.patch_size**2)))  # uint8 pixels
         out["patch_pos"].append(lay.pos)
         out["patch_window_ids"].append(lay.window_ids)
         out["patch_image_ids"].append(lay.image_ids)
-    dtypes = {"patches": np.float32, "target_kind": np.int8}
+    dtypes = {"patches": np.uint8, "target_kind": np.int8}
     batch = {k: np.stack(x).astype(dtypes.get(k, np.int32)) for k, x in out.items()}
     return batch, [[seg_len] * segments] * rows, [[grid] * segments] * rows
 

@@ -44,10 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.min_pixels = 3136
     c.max_pixels = 451584  # must equal the limits the dataset was converted with
     c.skip_bad_samples = True  # skip (and count) unreadable records instead of failing
-    # grain worker processes (0 = in the main process). One loader process keeps 1.5-2.4 H100s busy
-    # at 50% MFU with these budgets (benchmarks/loader.py, one core of a shared VM), so an 8-GPU host
-    # needs >= 4-6; each worker holds ~3 GB of host memory.
-    c.data_workers = 8
+    # grain worker processes (0 = in the main process). One loader process keeps ~5-7 H100s busy at
+    # 50% MFU with these budgets (benchmarks/loader.py, one core of a shared VM), so an 8-GPU host
+    # needs >= 2; 4 leave room for larger photos and slower cores. Each worker peaks at ~0.8 GB.
+    c.data_workers = 4
     c.check_budgets_on_start = True  # encode every train record once: fail early if one cannot fit
 
     # --- fixed batch budgets (one compile for the whole run) ---

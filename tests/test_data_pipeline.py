@@ -10,7 +10,7 @@ from bbu_jax.data.collate import Budgets, collate
 from bbu_jax.data.encode import SampleEncoder
 from bbu_jax.data.pipeline import build_inference_inputs, make_eval_batches, make_train_iterator
 from bbu_jax.data.schema import load_records
-from bbu_jax.data.vision_process import preprocess_image
+from bbu_jax.data.vision_process import normalize_rows, preprocess_image
 from bbu_jax.models.qwen2_5_vl.host import prepare_hf_batch
 
 PIX = dict(min_pixels=3136, max_pixels=56 * 56 * 8)
@@ -59,8 +59,11 @@ def test_single_sample_matches_hf_host_preparation(data, encoder):
     for k in ("input_ids", "segment_ids", "vision_token_index"):
         np.testing.assert_array_equal(batch[k][0, :L], ref[k][0], err_msg=k)
     np.testing.assert_array_equal(batch["positions"][0, :, :L], ref["positions"][0])
-    for k in ("patches", "patch_pos", "patch_window_ids", "patch_image_ids"):
+    for k in ("patch_pos", "patch_window_ids", "patch_image_ids"):
         np.testing.assert_array_equal(batch[k][0], ref[k][0], err_msg=k)
+    n = s.num_patches  # the batch's uint8 pixels are the processor's rows once normalized
+    np.testing.assert_array_equal(normalize_rows(batch["patches"][0, :n]), ref["patches"][0, :n])
+    assert not batch["patches"][0, n:].any()
 
 
 def test_batch_contents(data, encoder, tiny_hf_dir):

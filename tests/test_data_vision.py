@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bbu_jax.data.vision_process import preprocess_image, smart_resize
+from bbu_jax.data.vision_process import image_pixels, preprocess_image, smart_resize
 
 
 @pytest.mark.parametrize("hw", [(224, 224), (300, 451), (97, 640), (513, 200), (20, 30), (1000, 700)])
@@ -23,6 +23,30 @@ def test_preprocess_matches_transformers(hw, limits):
     err = np.abs(rows - ref["pixel_values"]).max()
     print(f"{hw} {limits}: max abs diff {err:.3g}")
     np.testing.assert_array_equal(rows, ref["pixel_values"])  # the same float32 arithmetic, bit for bit
+
+
+def test_tower_turns_batch_pixels_into_the_processor_rows():
+    """The batch carries uint8 pixels of one frame; the tower's patch_rows (on the device) must give
+    the HF processor's float rows bit for bit, and pass float rows (hf_forward's input) through."""
+    import jax.numpy as jnp
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from bbu_jax.models.qwen2_5_vl.config import VisionConfig
+    from bbu_jax.models.qwen2_5_vl.vision import patch_rows
+
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (230, 410, 3), dtype=np.uint8))
+    ref = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=200704)(images=[img], return_tensors="np")
+    pixels, grid = image_pixels(img, 3136, 200704)
+    assert pixels.dtype == np.uint8 and pixels.shape == (int(np.prod(grid)), 588)
+    cfg = VisionConfig()
+    rows = np.asarray(patch_rows(jnp.asarray(pixels)[None], cfg))[0]
+    np.testing.assert_array_equal(rows, ref["pixel_values"])
+    floats = jnp.asarray(ref["pixel_values"])[None]
+    assert patch_rows(floats, cfg) is floats
+    with pytest.raises(ValueError, match="uint8 patches have 1176 values"):
+        patch_rows(jnp.zeros((1, 4, 1176), jnp.uint8), cfg)
+    with pytest.raises(ValueError, match="float patch rows have 588 values"):
+        patch_rows(jnp.zeros((1, 4, 588), jnp.float32), cfg)
 
 
 def test_auto_image_processor_is_the_pil_backend(tiny_hf_dir):

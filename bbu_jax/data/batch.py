@@ -13,12 +13,18 @@ Patches are stored already permuted into the vision tower's window order (the ho
 Qwen2.5-VL's window_index), so the tower needs no gather; ``vision_token_index`` then places each
 merged vision token (index into the row's P/4 merged tokens, in that window order) at its
 `<|image_pad|>` position in the text.
+
+Patches travel as uint8 pixels, one byte per value: the vision tower maps them through the HF
+processor's normalization table and repeats the frame over the temporal axis on the device, which
+gives the processor's float rows exactly. Float rows (B, P, 1176), as ``host.prepare_hf_batch``
+takes them from the HF processor, are accepted by the model too; the loader never makes them (8x
+the bytes to fill, copy between processes and send to the devices).
 """
 from __future__ import annotations
 
 import numpy as np
 
-PATCH_DIM = 1176  # 3 channels * 2 frames * 14 * 14
+PATCH_PIXELS = 588  # 3 channels * 14 * 14 uint8 pixels of one frame (vision_process.image_pixels)
 
 # name -> (dims, dtype). Dims name the budgets above; literals are fixed sizes.
 FIELDS: dict[str, tuple[tuple[str | int, ...], type]] = {
@@ -31,7 +37,7 @@ FIELDS: dict[str, tuple[tuple[str | int, ...], type]] = {
     "targets": (("B", "L"), np.int32),
     "target_kind": (("B", "L"), np.int8),
     # --- vision tower (patches in window order) ---
-    "patches": (("B", "P", PATCH_DIM), np.float32),
+    "patches": (("B", "P", PATCH_PIXELS), np.uint8),  # the tower normalizes them (see module doc)
     "patch_pos": (("B", "P", 2), np.int32),  # (row, col) of each patch in its image's patch grid
     "patch_window_ids": (("B", "P"), np.int32),  # window-attention blocks; 0 = padding
     "patch_image_ids": (("B", "P"), np.int32),  # full-attention blocks (one image); 0 = padding

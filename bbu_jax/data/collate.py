@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bbu_jax.data.batch import PATCH_DIM
+from bbu_jax.data.batch import PATCH_PIXELS
 from bbu_jax.data.encode import EncodedSample
 
 
@@ -84,7 +84,7 @@ def empty_batch(b: Budgets) -> dict[str, np.ndarray]:
         "segment_ids": np.zeros((B, L), np.int32),
         "targets": np.zeros((B, L), np.int32),
         "target_kind": np.zeros((B, L), np.int8),
-        "patches": np.zeros((B, P, PATCH_DIM), np.float32),
+        "patches": np.zeros((B, P, PATCH_PIXELS), np.uint8),
         "patch_pos": np.zeros((B, P, 2), np.int32),
         "patch_window_ids": np.zeros((B, P), np.int32),
         "patch_image_ids": np.zeros((B, P), np.int32),

@@ -21,7 +21,7 @@ from PIL import Image
 from bbu_jax.data import chat
 from bbu_jax.data.convert import scale_box
 from bbu_jax.data.schema import Example, Record, RecordError
-from bbu_jax.data.vision_process import preprocess_image
+from bbu_jax.data.vision_process import image_pixels
 from bbu_jax.models.qwen2_5_vl.host import rope_index, vision_layout
 
 END_TOKEN = "<|im_end|>"
@@ -33,7 +33,7 @@ class EncodedSample:
     targets: np.ndarray  # (L,) int32, shifted: label of the token after each position
     target_kind: np.ndarray  # (L,) int8
     positions: np.ndarray  # (3, L) int32, from 0
-    patches: np.ndarray  # (N, 1176) float32, window order
+    patches: np.ndarray  # (N, 588) uint8 pixels, window order
     patch_pos: np.ndarray  # (N, 2) int32
     patch_window_ids: np.ndarray  # (N,) int32, 1-based
     patch_image_ids: np.ndarray  # (N,) int32, 1-based
@@ -107,18 +107,18 @@ class SampleEncoder:
         return self._captions[desc]
 
     def load_image(self, path: str, source: str):
-        """(rows, grid_thw, stored (h, w)); a small LRU keeps pool teachers' images hot."""
+        """(patch pixels, grid_thw, stored (h, w)); a small LRU keeps pool teachers' images hot."""
         if path in self._images:
             self._images.move_to_end(path)
             return self._images[path]
         try:
             with Image.open(path) as im:
                 im.load()
-                rows, grid = preprocess_image(im, self.min_pixels, self.max_pixels)
+                pixels, grid = image_pixels(im, self.min_pixels, self.max_pixels)
                 stored = (im.height, im.width)
         except (OSError, ValueError) as e:
             raise RecordError(f"{source}: cannot read image {path} ({e})") from None
-        self._images[path] = (rows, grid, stored)
+        self._images[path] = (pixels, grid, stored)
         if len(self._images) > self.image_cache_size:
             self._images.popitem(last=False)
         return self._images[path]
@@ -165,7 +165,7 @@ class SampleEncoder:
         positions, delta = rope_index(ids, grids, image_token_id=self.ids["<|image_pad|>"],
                                       vision_start_token_id=self.ids["<|vision_start|>"], spatial_merge_size=m)
         lay = vision_layout(grids, window_size=self.vision["window_size"], patch_size=14, spatial_merge_size=m)
-        rows = np.concatenate([r for r, _, _ in all_images])
+        pixels = np.concatenate([p for p, _, _ in all_images])
         vti = np.full(L, -1, np.int32)
         pad_pos = np.concatenate([np.arange(a, b) for a, b in tok.image_spans])
         vti[pad_pos] = lay.merged_index
@@ -181,7 +181,7 @@ class SampleEncoder:
         p0, p1 = tok.student_prompt_span
         return EncodedSample(
             input_ids=ids, targets=targets, target_kind=kinds, positions=positions,
-            patches=rows[lay.perm], patch_pos=lay.pos, patch_window_ids=lay.window_ids,
+            patches=pixels[lay.perm], patch_pos=lay.pos, patch_window_ids=lay.window_ids,
             patch_image_ids=lay.image_ids, vision_token_index=vti,
             det_vision_index=np.arange(a, b, dtype=np.int32),
             det_vision_pos=np.stack([yy.reshape(-1), xx.reshape(-1)], -1).astype(np.float32),

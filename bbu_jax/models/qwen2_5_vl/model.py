@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Shaped
 
 from bbu_jax.models.qwen2_5_vl import host
 from bbu_jax.models.qwen2_5_vl.config import Qwen25VLConfig
@@ -33,7 +33,7 @@ class Qwen25VL(nnx.Module):
             jax.nn.initializers.normal(0.02)(rngs.params(), shape, param_dtype), ("vocab", "embed"))
 
     def __call__(self, input_ids: Int[Array, "b l"], positions: Int[Array, "b 3 l"],
-                 segment_ids: Int[Array, "b l"], patches: Float[Array, "b p c"] | None = None,
+                 segment_ids: Int[Array, "b l"], patches: Shaped[Array, "b p c"] | None = None,
                  patch_pos: Int[Array, "b p 2"] | None = None, patch_window_ids: Int[Array, "b p"] | None = None,
                  patch_image_ids: Int[Array, "b p"] | None = None,
                  vision_token_index: Int[Array, "b l"] | None = None) -> Float[Array, "b l d"]:
@@ -47,7 +47,7 @@ class Qwen25VL(nnx.Module):
 
     def prefill(self, input_ids: Int[Array, "b l"], positions: Int[Array, "b 3 l"],
                 segment_ids: Int[Array, "b l"], cache: KVCache, kv_segment_ids: Int[Array, "b lmax"],
-                patches: Float[Array, "b p c"] | None = None, patch_pos: Int[Array, "b p 2"] | None = None,
+                patches: Shaped[Array, "b p c"] | None = None, patch_pos: Int[Array, "b p 2"] | None = None,
                 patch_window_ids: Int[Array, "b p"] | None = None,
                 patch_image_ids: Int[Array, "b p"] | None = None,
                 vision_token_index: Int[Array, "b l"] | None = None) -> tuple[Float[Array, "b v"], KVCache]:

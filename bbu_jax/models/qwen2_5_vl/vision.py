@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Shaped
 
+from bbu_jax.data.vision_process import NORMALIZED
 from bbu_jax.models.attention import attention
 from bbu_jax.models.qwen2_5_vl.config import VisionConfig
 from bbu_jax.models.qwen2_5_vl.text import Dense, GatedMLP, RMSNorm, apply_rope, layer_loop, remat_policy, stacked
@@ -30,6 +31,24 @@ def vision_cos_sin(patch_pos: Int[Array, "b p 2"], *, head_dim: int, theta: floa
     freqs = freqs.reshape(*freqs.shape[:2], -1)  # [row freqs, col freqs]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
+
+
+def patch_rows(patches: Shaped[Array, "b p c"], cfg: VisionConfig) -> Float[Array, "b p d"]:
+    """The patch embedding's input rows (B, P, patch_dim) f32. uint8 pixels of one frame (the
+    batch's patches) go through the HF processor's normalization table, the frame repeated over
+    the temporal axis: exactly the processor's float rows. Float rows pass through unchanged."""
+    if patches.dtype != jnp.uint8:
+        if patches.shape[-1] != cfg.patch_dim:
+            raise ValueError(f"float patch rows have {patches.shape[-1]} values, expected {cfg.patch_dim}")
+        return patches
+    area = cfg.patch_size**2
+    if patches.shape[-1] != cfg.in_channels * area or cfg.in_channels != NORMALIZED.shape[0]:
+        raise ValueError(f"uint8 patches have {patches.shape[-1]} values, expected {cfg.in_channels} x {area} "
+                         f"({NORMALIZED.shape[0]}-channel images)")
+    b, p = patches.shape[:2]
+    pixels = patches.reshape(b, p, cfg.in_channels, 1, area).astype(jnp.int32)
+    rows = jnp.asarray(NORMALIZED)[jnp.arange(cfg.in_channels)[:, None, None], pixels]
+    return jnp.broadcast_to(rows, (b, p, cfg.in_channels, cfg.temporal_patch_size, area)).reshape(b, p, -1)
 
 
 class VisionAttention(nnx.Module):
@@ -108,14 +127,14 @@ class VisionTower(nnx.Module):
         self.remat = remat
         remat_policy(remat)
 
-    def __call__(self, patches: Float[Array, "b p c"], patch_pos: Int[Array, "b p 2"],
+    def __call__(self, patches: Shaped[Array, "b p c"], patch_pos: Int[Array, "b p 2"],
                  window_ids: Int[Array, "b p"], image_ids: Int[Array, "b p"]) -> Float[Array, "b m o"]:
-        """Window-ordered patch rows -> window-ordered merged tokens (B, P/4, out_dim); padded rows
-        (ids 0) produce finite garbage that nothing reads."""
+        """Window-ordered patches (uint8 pixels or float rows, see ``patch_rows``) -> window-ordered
+        merged tokens (B, P/4, out_dim); padded rows (ids 0) produce finite garbage that nothing reads."""
         unit = self.cfg.spatial_merge_size**2
         if patches.shape[1] % unit:
             raise ValueError(f"patch budget {patches.shape[1]} is not a multiple of {unit}")
-        x = self.patch_embed(patches).astype(jnp.float32)
+        x = self.patch_embed(patch_rows(patches, self.cfg)).astype(jnp.float32)
         cos, sin = vision_cos_sin(patch_pos, head_dim=self.cfg.head_dim, theta=self.cfg.rope_theta)
         full = np.zeros(self.cfg.depth, bool)
         full[list(self.cfg.fullatt_block_indexes)] = True
