@@ -21,6 +21,8 @@ torch allocates in the first step: 2 x 4 bytes per parameter). bbu_jax also repo
 (memory_analysis: temp bytes of the compiled step). Achieved GFLOP/s uses the same analytic model
 FLOP count for both sides (benchmarks.mfu.step_flops: useful matmul + attention FLOPs, windows and
 causality respected, x3 for training), against a plain f32 (2048^3) matmul timed in each worker.
+The "floor" line divides those FLOPs by XLA's matmul rate: the ratio bbu_jax would reach if every
+product of its step ran as fast as that large square matmul and nothing else took time.
 
   python benchmarks/train_step_vs_hf.py [--steps 10] [--torch_threads 2] [--no-record]
 
@@ -300,6 +302,8 @@ def main() -> None:
     loss_rel = abs(jx["first_loss"] - pt["first_loss"]) / abs(pt["first_loss"])
     ratio = jx["median_s"] / pt["median_s"]
     min_ratio = jx["min_s"] / pt["min_s"]  # less sensitive to other load on a shared machine
+    # These FLOPs at XLA's large-matmul rate, nothing else: the ratio's practical floor here.
+    floor_s = flops / (jx["matmul_gflops"] * 1e9)
 
     print(f"Qwen2.5-VL text 512x4 (vocab {args.vocab}), vision 256x4, batch {args.rows} x {args.tokens} tokens, "
           f"one {IMAGE_SIDE}x{IMAGE_SIDE} image per row, f32; {os.cpu_count()} cpus, "
@@ -314,6 +318,9 @@ def main() -> None:
               f"{r['matmul_gflops']:15.1f} {r['matmul_fraction']:9.0%} {r['step_peak_mib']:14.0f} "
               f"{r['peak_rss_mib']:13.0f}")
     print(f"bbu_jax XLA buffer plan: temp {jx['xla_temp_mib']:.0f} MiB, arguments {jx['xla_argument_mib']:.0f} MiB")
+    print(f"floor: the model FLOPs at XLA's {jx['matmul_gflops']:.0f} GFLOP/s take {floor_s:.2f} s = "
+          f"{floor_s / pt['median_s']:.2f} x the PyTorch step (every product at the 2048^3 matmul's rate, "
+          f"no other work)")
     print(f"ratio of fastest steps (less load-sensitive): {min_ratio:.2f}; load average now "
           f"{os.getloadavg()[0]:.1f}")
     headline = f"train_step_vs_hf: bbu_jax/transformers = {ratio:.2f}"
@@ -328,7 +335,7 @@ def main() -> None:
            steps=args.steps, lm_chunk=args.lm_chunk, scan_layers=args.scan_layers, pause_s=args.pause,
            keep_freed_memory=args.keep_freed_memory,
            step_times=times, model_gflop_per_step=flops / 1e9,
-           first_loss_rel_diff=loss_rel, ratio=ratio, min_ratio=min_ratio,
+           first_loss_rel_diff=loss_rel, ratio=ratio, min_ratio=min_ratio, floor_ratio=floor_s / pt["median_s"],
            load_average=os.getloadavg()[0], **figures)
 
 
