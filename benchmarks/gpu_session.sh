@@ -17,7 +17,7 @@ for attention in pallas cudnn; do
     timeout 200 python3 benchmarks/mfu.py --attention "$attention" --remat full --no-record 2>&1 \
         | tee "$OUT/mfu_$attention.log"
 done
-timeout 45 python3 benchmarks/loader.py --num_images 60 --batches 4 --workers 1 8 --no-record 2>&1 \
+timeout 45 python3 benchmarks/loader.py --num_images 60 --batches 4 --workers 1 4 --no-record 2>&1 \
     | tee "$OUT/loader.log"
 echo "== headlines"
 grep -h "rel err\|passed\|failed" "$OUT/flash_check.log"
