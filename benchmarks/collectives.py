@@ -55,7 +55,9 @@ def main() -> None:
 
     from benchmarks.mfu import packed_batch, tiny_config
     from bbu_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
-    from bbu_jax.training import collectives, sharding, task
+    from bbu_jax.foundation import sharding
+from bbu_jax.perf import collectives
+from bbu_jax.training import task
 
     tokens = args.tokens or (256 if args.tiny else 8192)
     segments = args.segments or (2 if args.tiny else 4)

@@ -29,7 +29,8 @@ from flax import nnx  # noqa: E402
 from benchmarks.mfu import tiny_config  # noqa: E402
 from bbu_jax.models.detection_head import DetectionHead  # noqa: E402
 from bbu_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig  # noqa: E402
-from bbu_jax.training import sharding, task  # noqa: E402
+from bbu_jax.foundation import sharding  # noqa: E402
+from bbu_jax.training import task  # noqa: E402
 from configs.base import get_config  # noqa: E402
 
 DIMS = dict(B=1, L=256, P=256, S=2, M=8, C=8, NV=64, NT=16)  # tiny budgets: compile time barely depends on them

@@ -31,8 +31,8 @@ STEPS = {
             "        for k in h.keys(): n += h.get_tensor(k).nbytes\n",
     "from_hf": "import jax\nfrom bbu_jax.models.qwen2_5_vl import from_hf\n"
                "m = from_hf(HF)\njax.block_until_ready(m.language_model.norm.weight[...])\n",
-    "hf_to_flax_bf16": "from convert_weights.hf_to_flax import convert\nconvert(HF, OUT, 'bfloat16')\n",
-    "hf_to_flax_f32": "from convert_weights.hf_to_flax import convert\nconvert(HF, OUT, 'float32')\n",
+    "hf_to_flax_bf16": "from bbu_jax.workflows.export import convert\nconvert(HF, OUT, 'bfloat16')\n",
+    "hf_to_flax_f32": "from bbu_jax.workflows.export import convert\nconvert(HF, OUT, 'float32')\n",
 }
 
 
@@ -59,7 +59,7 @@ def write_checkpoint(hf: Path, text_layers: int) -> None:
     """Random weights with Qwen2.5-VL-3B's shapes, bf16 and sharded like the release."""
     import ml_dtypes
 
-    from bbu_jax.testing.tiny_hf import write_tiny_qwen2_5_vl
+    from bbu_jax.workflows.tiny_model import write_tiny_qwen2_5_vl
 
     write_tiny_qwen2_5_vl(
         hf, weights_dtype=ml_dtypes.bfloat16, max_shard_bytes=4 * 2**30,

@@ -29,9 +29,9 @@ from PIL import Image  # noqa: E402
 
 from benchmarks._common import record  # noqa: E402
 from bbu_jax.inference.generate import generate_tokens, pad_prompts, round_up  # noqa: E402
-from bbu_jax.models.qwen2_5_vl import from_hf, host  # noqa: E402
-import hf_reference  # noqa: E402
-from bbu_jax.testing.tiny_hf import write_tiny_qwen2_5_vl  # noqa: E402
+from bbu_jax.models.qwen2_5_vl import from_hf, processing  # noqa: E402
+from bbu_jax.testing import hf_reference  # noqa: E402
+from bbu_jax.workflows.tiny_model import write_tiny_qwen2_5_vl  # noqa: E402
 
 PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
           "<|vision_start|><|image_pad|><|vision_end|>Detect every BBU equipment part in the image.<|im_end|>\n"
@@ -64,7 +64,7 @@ def main():
 
         model = from_hf(hf_dir)
         cfg = model.config
-        batch = host.prepare_hf_batch(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+        batch = processing.prepare_hf_batch(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                       inputs["image_grid_thw"], image_token_id=cfg.image_token_id,
                                       vision_start_token_id=cfg.vision_start_token_id)
         prompt = pad_prompts([batch], rows=b, length=round_up(prompt_len, 64),

@@ -5,7 +5,7 @@ The training loader (``make_train_iterator``) with ``configs/base.py``'s data se
 samples per packed row, its pixel limits, teacher ratio, teacher count and language. The data are
 synthetic scenes enlarged ``--scale`` times (so conversion resizes them down to ``max_pixels`` as
 it would field photos), converted as ``scripts/convert_dataset.py`` does. Tokenizer: the tiny test
-tokenizer (``bbu_jax.testing.tiny_hf``; no model hub), whose text is longer per character than Qwen's.
+tokenizer (``bbu_jax.workflows.tiny_model``; no model hub), whose text is longer per character than Qwen's.
 
 Consumption: each batch's model FLOPs for the 3B (``benchmarks.mfu.step_flops`` on the batch's own
 segments and image grids) at ``--mfu`` of ``--peak_tflops`` are the GPU-seconds of training it
@@ -40,8 +40,8 @@ from bbu_jax.data.convert import convert_dataset  # noqa: E402
 from bbu_jax.data.pipeline import make_train_iterator  # noqa: E402
 from bbu_jax.data.synthetic import write_labelme_dataset  # noqa: E402
 from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig  # noqa: E402
-from bbu_jax.testing.tiny_hf import write_tiny_qwen2_5_vl  # noqa: E402
-from bbu_jax.training.run import budgets as config_budgets  # noqa: E402
+from bbu_jax.workflows.tiny_model import write_tiny_qwen2_5_vl  # noqa: E402
+from bbu_jax.workflows.train import budgets as config_budgets  # noqa: E402
 from configs.base import get_config  # noqa: E402
 
 

@@ -55,9 +55,9 @@ MODEL_INPUTS = ("input_ids", "positions", "segment_ids", "patches", "patch_pos",
 
 def _attended_pairs_vision(grid: tuple[int, int, int], vcfg) -> tuple[int, int]:
     """(window-layer pairs, full-layer pairs) of one image: sum of squared window / frame sizes."""
-    from bbu_jax.models.qwen2_5_vl import host
+    from bbu_jax.models.qwen2_5_vl import processing
 
-    lay = host.vision_layout([grid], window_size=vcfg.window_size, patch_size=vcfg.patch_size,
+    lay = processing.vision_layout([grid], window_size=vcfg.window_size, patch_size=vcfg.patch_size,
                              spatial_merge_size=vcfg.spatial_merge_size)
     windows = np.bincount(lay.window_ids)[1:].astype(np.int64)
     frames = np.bincount(lay.image_ids)[1:].astype(np.int64)
@@ -151,13 +151,13 @@ def packed_batch(cfg, *, rows: int, tokens: int, segments: int, image_side: int,
     """Rows of ``segments`` samples, each [vision_start, image pads, vision_end, text...], with the
     model inputs built by bbu_jax's host functions; targets = next token of the same segment,
     supervised on each sample's second half. Returns the batch, segment lengths and image grids."""
-    from bbu_jax.models.qwen2_5_vl import host
+    from bbu_jax.models.qwen2_5_vl import processing
 
     v = cfg.vision
     rng = np.random.default_rng(seed)
     side = image_side // v.patch_size
     grid = (1, side, side)
-    n_img = host.num_image_tokens(grid, v.spatial_merge_size)
+    n_img = processing.num_image_tokens(grid, v.spatial_merge_size)
     seg_len = tokens // segments
     if seg_len < n_img + 4:
         raise ValueError(f"{segments} segments of {seg_len} tokens cannot hold a {n_img}-token image")
@@ -172,7 +172,7 @@ def packed_batch(cfg, *, rows: int, tokens: int, segments: int, image_side: int,
         kind = np.zeros(tokens, np.int64)
         targets = np.zeros(tokens, np.int64)
         vti = np.full(tokens, -1, np.int64)
-        lay = host.vision_layout([grid] * segments, window_size=v.window_size, patch_size=v.patch_size,
+        lay = processing.vision_layout([grid] * segments, window_size=v.window_size, patch_size=v.patch_size,
                                  spatial_merge_size=v.spatial_merge_size)
         for s in range(segments):
             a = s * seg_len
@@ -181,7 +181,7 @@ def packed_batch(cfg, *, rows: int, tokens: int, segments: int, image_side: int,
             sample[2:2 + n_img] = cfg.image_token_id
             sample[2 + n_img] = cfg.vision_end_token_id
             ids[a:a + seg_len] = sample
-            pos[:, a:a + seg_len], _ = host.rope_index(sample, [grid], image_token_id=cfg.image_token_id,
+            pos[:, a:a + seg_len], _ = processing.rope_index(sample, [grid], image_token_id=cfg.image_token_id,
                                                        vision_start_token_id=cfg.vision_start_token_id,
                                                        spatial_merge_size=v.spatial_merge_size)
             seg[a:a + seg_len] = s + 1

@@ -24,7 +24,7 @@ def main() -> None:
     from bbu_jax.inference.predict import predict_detection
     from bbu_jax.models.qwen2_5_vl import from_hf
     from benchmarks._common import record
-    from convert_weights.detection_head_files import load_detection_head
+    from bbu_jax.models.detection_head_files import load_detection_head
 
     p = argparse.ArgumentParser()
     p.add_argument("--checkpoint", required=True)

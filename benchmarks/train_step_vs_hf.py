@@ -110,8 +110,9 @@ def jax_worker(hf_dir: Path, inputs: dict[str, np.ndarray], lm_chunk: int, scan_
     import jax.numpy as jnp
 
     from bbu_jax.data.batch import FIELDS, expected_shapes
-    from bbu_jax.models.qwen2_5_vl import host
-    from bbu_jax.training import optimizer, sharding, task, train_state
+    from bbu_jax.models.qwen2_5_vl import processing
+    from bbu_jax.foundation import sharding
+    from bbu_jax.training import optimizer, task, train_state
     from bbu_jax.training import step as step_lib
 
     mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
@@ -135,7 +136,7 @@ def jax_worker(hf_dir: Path, inputs: dict[str, np.ndarray], lm_chunk: int, scan_
     # the batch contract: model inputs from the HF processor's arrays, targets from its labels,
     # an empty detection part (one segment, no objects)
     rows, length = inputs["input_ids"].shape
-    batch = host.prepare_hf_batch(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+    batch = processing.prepare_hf_batch(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                   inputs["image_grid_thw"], image_token_id=cfg.image_token_id,
                                   vision_start_token_id=cfg.vision_start_token_id)
     labels_hf = inputs["labels"]
@@ -189,7 +190,7 @@ def torch_worker(hf_dir: Path, inputs: dict[str, np.ndarray], threads: int):
 def serve(side: str, workdir: Path, args) -> None:
     """Worker loop: 'step' -> {seconds, loss}; 'peak' starts the peak window; 'done' -> figures."""
     if args.keep_freed_memory:  # as scripts/train.py does; given to both sides alike
-        from bbu_jax.host_memory import keep_freed_memory
+        from bbu_jax.foundation.host_memory import keep_freed_memory
         keep_freed_memory()
     inputs = dict(np.load(workdir / "inputs.npz"))
     hf_dir = workdir / "hf"
@@ -262,7 +263,7 @@ def main() -> None:
 
     from benchmarks.mfu import step_flops
     from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig
-    from bbu_jax.testing.tiny_hf import write_tiny_qwen2_5_vl
+    from bbu_jax.workflows.tiny_model import write_tiny_qwen2_5_vl
 
     passthrough = ["--lm_chunk", str(args.lm_chunk), "--torch_threads", str(args.torch_threads),
                    *(["--scan_layers"] if args.scan_layers else []),

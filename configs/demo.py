@@ -1,6 +1,6 @@
 """Tiny CPU run of the whole pipeline (`make demo`): derived from base.py, only sizes changed.
 
-The model is a tiny random Qwen2.5-VL written by bbu_jax.testing.tiny_hf and the data are
+The model is a tiny random Qwen2.5-VL written by bbu_jax.workflows.tiny_model and the data are
 synthetic scenes converted like real data; both are created on first use (the *_if_missing keys).
 """
 import importlib.util

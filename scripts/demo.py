@@ -19,7 +19,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bbu_jax.host_memory import keep_freed_memory  # noqa: E402
+from bbu_jax.foundation.host_memory import keep_freed_memory  # noqa: E402
 
 keep_freed_memory()  # before jax starts its threads (the demo trains on the CPU)
 
@@ -48,7 +48,7 @@ def check_export(c, hf_export: pathlib.Path, out: pathlib.Path, num_samples: int
     from bbu_jax.inference.answers import generate_answers
     from bbu_jax.inference.predict import predict_detection
     from bbu_jax.models.qwen2_5_vl import from_hf
-    from convert_weights.detection_head_files import load_detection_head
+    from bbu_jax.models.detection_head_files import load_detection_head
 
     model = from_hf(hf_export)
     head, vocab = load_detection_head(hf_export)
@@ -78,7 +78,7 @@ def main(argv) -> int:
     absl_logging.set_verbosity(absl_logging.WARNING)
     c = _CONFIG.value
     t0 = time.time()
-    from bbu_jax.training import run
+    from bbu_jax.workflows import train as run
     from bbu_jax.training.config import validate
     import jax
     validate(c, device_count=jax.device_count())

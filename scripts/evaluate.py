@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     from bbu_jax.inference.answers import generate_answers
     from bbu_jax.losses import LossWeights, MatchCost
     from bbu_jax.models.qwen2_5_vl import from_hf
-    from convert_weights.detection_head_files import load_detection_head
+    from bbu_jax.models.detection_head_files import load_detection_head
 
     ckpt = resolve_checkpoint(args.checkpoint)
     records, errors = load_records(args.data, skip_bad_samples=args.skip_bad_samples)

@@ -28,7 +28,7 @@ _FORCED = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ.ge
 if _FORCED and int(_FORCED.group(1)) > 1:
     os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 
-from bbu_jax.host_memory import keep_freed_memory  # noqa: E402
+from bbu_jax.foundation.host_memory import keep_freed_memory  # noqa: E402
 
 keep_freed_memory()  # before jax starts its threads
 
@@ -68,7 +68,7 @@ def main(argv) -> int:
         jax.distributed.initialize(coordinator_address=c.coordinator_address or None,
                                    num_processes=c.num_processes or None,
                                    process_id=None if c.process_id < 0 else c.process_id)
-    from bbu_jax.training import run
+    from bbu_jax.workflows import train as run
     try:
         validate(c, device_count=jax.device_count())
         run.prepare_assets(c)

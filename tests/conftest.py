@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from bbu_jax.testing.tiny_hf import write_tiny_qwen2_5_vl  # noqa: E402
+from bbu_jax.workflows.tiny_model import write_tiny_qwen2_5_vl  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -52,13 +52,13 @@ def test_batch_layout_reads_segments_and_grids():
 
     sys.path.insert(0, str(ROOT))
     from benchmarks.mfu import batch_layout, packed_batch, tiny_config
-    from bbu_jax.models.qwen2_5_vl import host
+    from bbu_jax.models.qwen2_5_vl import processing
 
     cfg = tiny_config()
     batch, seg_lens, grids = packed_batch(cfg, rows=2, tokens=256, segments=2, image_side=112)
     assert batch_layout(batch) == (seg_lens, grids)
     shapes = [(1, 4, 6), (1, 8, 8), (1, 2, 2)]
-    lay = host.vision_layout(shapes, window_size=112, patch_size=14, spatial_merge_size=2)
+    lay = processing.vision_layout(shapes, window_size=112, patch_size=14, spatial_merge_size=2)
     seg = np.array([[1, 1, 1, 2, 2, 0]])
     got = batch_layout({"segment_ids": seg, "patch_image_ids": lay.image_ids[None], "patch_pos": lay.pos[None]})
     assert got == ([[3, 2]], [shapes])

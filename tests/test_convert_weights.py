@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from convert_weights import flax_to_hf, hf_to_flax
+from bbu_jax.workflows import export as export_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_roundtrip_identical_tensors_and_transformers_loads(tiny_hf_dir, roundtr
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from hf_reference import processor_inputs, torch_logits
+    from bbu_jax.testing.hf_reference import processor_inputs, torch_logits
 
     src, out = _weights(tiny_hf_dir), _weights(roundtrip / "hf")
     assert sorted(src) == sorted(out)
@@ -54,9 +54,9 @@ def test_roundtrip_identical_tensors_and_transformers_loads(tiny_hf_dir, roundtr
 
 
 def test_untied_roundtrip_keeps_lm_head(tiny_hf_dir_untied, tmp_path):
-    hf_to_flax.convert(tiny_hf_dir_untied, tmp_path / "flax")
-    model, hf_files = flax_to_hf.load_params_checkpoint(tmp_path / "flax")
-    flax_to_hf.export(model, tmp_path / "hf", hf_files, max_shard_bytes=30_000)
+    export_lib.convert(tiny_hf_dir_untied, tmp_path / "flax")
+    model, hf_files = export_lib.load_params_checkpoint(tmp_path / "flax")
+    export_lib.export(model, tmp_path / "hf", hf_files, max_shard_bytes=30_000)
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()  # sharded export
     src, out = _weights(tiny_hf_dir_untied), _weights(tmp_path / "hf")
     assert "lm_head.weight" in out and sorted(src) == sorted(out)
@@ -95,7 +95,7 @@ def test_hf_to_flax_errors_name_the_file_or_key(tiny_hf_dir, tmp_path, breakage,
             weights["model.extra.weight"] = np.ones(3, np.float32)
         save_file(weights, str(d / "model.safetensors"))
     with pytest.raises((FileNotFoundError, KeyError, ValueError)) as err:
-        hf_to_flax.convert(d, tmp_path / "out")
+        export_lib.convert(d, tmp_path / "out")
     assert message in str(err.value)
     assert not (tmp_path / "out").exists()  # nothing half-written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -103,4 +103,4 @@ def test_hf_to_flax_errors_name_the_file_or_key(tiny_hf_dir, tmp_path, breakage,
 
 def test_flax_to_hf_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a bbu_jax params checkpoint"):
-        flax_to_hf.load_params_checkpoint(tmp_path)
+        export_lib.load_params_checkpoint(tmp_path)

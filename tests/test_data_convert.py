@@ -9,7 +9,7 @@ from PIL import Image
 
 from bbu_jax.data import convert, desc, readers, schema, synthetic
 from bbu_jax.data.validate import validate_jsonl
-from bbu_jax.data.vision_process import smart_resize
+from bbu_jax.models.qwen2_5_vl.processing import smart_resize
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ from bbu_jax.data.collate import Budgets, collate
 from bbu_jax.data.encode import SampleEncoder
 from bbu_jax.data.pipeline import build_inference_inputs, make_eval_batches, make_train_iterator
 from bbu_jax.data.schema import load_records
-from bbu_jax.data.vision_process import normalize_rows, preprocess_image
-from bbu_jax.models.qwen2_5_vl.host import prepare_hf_batch
+from bbu_jax.models.qwen2_5_vl.processing import normalize_rows, preprocess_image
+from bbu_jax.models.qwen2_5_vl.processing import prepare_hf_batch
 
 PIX = dict(min_pixels=3136, max_pixels=56 * 56 * 8)
 BUDGETS = Budgets(rows=2, tokens=1024, patches=768, segments=4, objects=8, caption_tokens=32,

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bbu_jax.data.vision_process import image_pixels, preprocess_image, smart_resize
+from bbu_jax.models.qwen2_5_vl.processing import image_pixels, preprocess_image, smart_resize
 
 
 @pytest.mark.parametrize("hw", [(224, 224), (300, 451), (97, 640), (513, 200), (20, 30), (1000, 700)])

@@ -12,7 +12,7 @@ from flax import nnx
 from bbu_jax.data import convert, synthetic
 from bbu_jax.data.encode import SampleEncoder, build_caption_vocab
 from bbu_jax.models.detection_head import DetectionHead
-from convert_weights.detection_head_files import load_detection_head, save_detection_head
+from bbu_jax.models.detection_head_files import load_detection_head, save_detection_head
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")

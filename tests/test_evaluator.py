@@ -65,7 +65,7 @@ def test_sharded_model_gives_the_same_report(setup, tiny_hf_dir):
     """Model and head placed FSDP over 8 devices: the same losses and detections as on one device."""
     import jax
 
-    from bbu_jax.training import sharding
+    from bbu_jax.foundation import sharding
 
     mesh = sharding.make_mesh(1, 8, 1)
     head = nnx.clone(setup["head"])

@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 
 from bbu_jax.data.schema import Example, Obj
 from bbu_jax.inference.generate import cut_at_stop, generate, generate_tokens, pad_prompts
-from bbu_jax.models.qwen2_5_vl import from_hf, host
-import hf_reference
+from bbu_jax.models.qwen2_5_vl import from_hf, processing
+from bbu_jax.testing import hf_reference
 
 torch = pytest.importorskip("torch")
 
@@ -63,7 +63,7 @@ def eos(tokenizer):
 
 def prompt_batch(model, inputs: dict) -> dict:
     cfg = model.config
-    b = host.prepare_hf_batch(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
+    b = processing.prepare_hf_batch(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
                               inputs.get("image_grid_thw"), image_token_id=cfg.image_token_id,
                               vision_start_token_id=cfg.vision_start_token_id)
     return pad_prompts([b], rows=ROWS, length=LENGTH, num_patches=PATCHES)  # single prompts + an empty row

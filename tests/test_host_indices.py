@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from bbu_jax.models.qwen2_5_vl import host, scatter_vision_tokens
+from bbu_jax.models.qwen2_5_vl import processing, scatter_vision_tokens
 
 torch = pytest.importorskip("torch")
 from transformers import vision_utils  # noqa: E402
@@ -19,7 +19,7 @@ def sequence(grids, text_lens) -> np.ndarray:
     rng = np.random.default_rng(len(grids))
     ids = list(rng.integers(0, 40, text_lens[0]))
     for g, n in zip(grids, text_lens[1:]):
-        ids += [VS] + [IMG] * host.num_image_tokens(g) + [VE] + list(rng.integers(0, 40, n))
+        ids += [VS] + [IMG] * processing.num_image_tokens(g) + [VE] + list(rng.integers(0, 40, n))
     return np.asarray(ids, np.int64)
 
 
@@ -43,7 +43,7 @@ def hf_rope_index(input_ids: np.ndarray, grids, attention_mask=None):
 
 
 def test_rope_index_reference_example():
-    pos, delta = host.rope_index(np.array([1, 2, 3, 4, VS] + [IMG] * 6 + [VE]), [(1, 4, 6)],
+    pos, delta = processing.rope_index(np.array([1, 2, 3, 4, VS] + [IMG] * 6 + [VE]), [(1, 4, 6)],
                                  image_token_id=IMG, vision_start_token_id=VS)
     np.testing.assert_array_equal(pos[:, 5:11], [[5] * 6, [5, 5, 5, 6, 6, 6], [5, 6, 7, 5, 6, 7]])
     assert pos[:, 11].tolist() == [8, 8, 8] and delta == 9 - 12
@@ -53,7 +53,7 @@ def test_rope_index_reference_example():
 @given(grids=grids_st, text_lens=st.lists(st.integers(1, 6), min_size=4, max_size=4))
 def test_rope_index_matches_transformers(grids, text_lens):
     ids = sequence(grids, text_lens)
-    pos, delta = host.rope_index(ids, grids, image_token_id=IMG, vision_start_token_id=VS)
+    pos, delta = processing.rope_index(ids, grids, image_token_id=IMG, vision_start_token_id=VS)
     ref, ref_delta = hf_rope_index(ids, grids)
     np.testing.assert_array_equal(pos, ref[:, 0])
     assert delta == int(ref_delta[0, 0])
@@ -70,7 +70,7 @@ def test_batch_positions_match_transformers_with_padding(side):
         ids[b, sl], mask[b, sl] = r, 1
     grids = [(1, 4, 6), (1, 8, 4), (1, 2, 2)]
     pixels = np.random.default_rng(0).normal(size=(sum(int(np.prod(g)) for g in grids), 1176))
-    out = host.prepare_hf_batch(ids, mask, pixels, np.array(grids), image_token_id=IMG,
+    out = processing.prepare_hf_batch(ids, mask, pixels, np.array(grids), image_token_id=IMG,
                                 vision_start_token_id=VS)
     ref, _ = hf_rope_index(ids, grids, attention_mask=mask)
     np.testing.assert_array_equal(out["positions"], ref.transpose(1, 0, 2))
@@ -85,7 +85,7 @@ def test_vision_layout_matches_transformers(grids):
     window_index, cu_windows = vision_utils.get_vision_window_index(g, 2, 112, 14)
     pos = vision_utils.get_vision_position_ids(g, 2).numpy()
     cu_images = vision_utils.get_vision_cu_seqlens(g).numpy()
-    lay = host.vision_layout(grids)
+    lay = processing.vision_layout(grids)
     perm = (window_index.numpy()[:, None] * 4 + np.arange(4)).reshape(-1)
     np.testing.assert_array_equal(lay.perm, perm)
     np.testing.assert_array_equal(lay.pos, pos[perm])
@@ -96,7 +96,7 @@ def test_vision_layout_matches_transformers(grids):
 
 def test_vision_layout_temporal_frames_are_separate_segments():
     g = torch.tensor([[2, 4, 4]])
-    lay = host.vision_layout([(2, 4, 4)])
+    lay = processing.vision_layout([(2, 4, 4)])
     window_index, cu_windows = vision_utils.get_vision_window_index(g, 2, 112, 14)
     np.testing.assert_array_equal(lay.perm, (window_index.numpy()[:, None] * 4 + np.arange(4)).reshape(-1))
     assert lay.image_ids.tolist() == [1] * 16 + [2] * 16
@@ -109,9 +109,9 @@ def test_scatter_places_merged_tokens_in_text_order():
     grids = [(1, 10, 6), (1, 4, 18)]
     ids = sequence(grids, [2, 3, 1])[None]
     n_rows = sum(int(np.prod(g)) for g in grids)
-    batch = host.prepare_hf_batch(ids, None, np.zeros((n_rows, 1176)), np.array(grids), image_token_id=IMG,
+    batch = processing.prepare_hf_batch(ids, None, np.zeros((n_rows, 1176)), np.array(grids), image_token_id=IMG,
                                   vision_start_token_id=VS, patch_budget=n_rows + 8)
-    lay = host.vision_layout(grids)
+    lay = processing.vision_layout(grids)
     feats_text_order = np.random.default_rng(0).normal(size=(n_rows // 4, 5)).astype(np.float32)
     feats_window = np.zeros((1, batch["patches"].shape[1] // 4, 5), np.float32)
     feats_window[0, :n_rows // 4] = feats_text_order[np.argsort(lay.merged_index)]
@@ -126,10 +126,10 @@ def test_scatter_places_merged_tokens_in_text_order():
 def test_prepare_rejects_inconsistent_inputs():
     ids = sequence([(1, 4, 4)], [2, 2])[None]
     with pytest.raises(ValueError, match="image tokens"):
-        host.prepare_hf_batch(ids, None, np.zeros((64, 1176)), np.array([(1, 4, 8)]), image_token_id=IMG,
+        processing.prepare_hf_batch(ids, None, np.zeros((64, 1176)), np.array([(1, 4, 8)]), image_token_id=IMG,
                               vision_start_token_id=VS)
     with pytest.raises(ValueError, match="patch_budget"):
-        host.prepare_hf_batch(ids, None, np.zeros((16, 1176)), np.array([(1, 4, 4)]), image_token_id=IMG,
+        processing.prepare_hf_batch(ids, None, np.zeros((16, 1176)), np.array([(1, 4, 4)]), image_token_id=IMG,
                               vision_start_token_id=VS, patch_budget=8)
     with pytest.raises(ValueError, match="vision_start"):
-        host.rope_index(np.array([1] + [IMG] * 4), [(1, 4, 4)], image_token_id=IMG, vision_start_token_id=VS)
+        processing.rope_index(np.array([1] + [IMG] * 4), [(1, 4, 4)], image_token_id=IMG, vision_start_token_id=VS)

@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from bbu_jax.host_memory import cpu_only_host
+from bbu_jax.foundation.host_memory import cpu_only_host
 
 
 def test_cpu_only_host_from_jax_platforms():
@@ -17,7 +17,7 @@ def test_keep_freed_memory_applies_and_large_blocks_are_reused():
     a freed 256 MiB block comes back without new page faults."""
     code = """
 import ctypes, resource, sys
-from bbu_jax.host_memory import keep_freed_memory
+from bbu_jax.foundation.host_memory import keep_freed_memory
 assert keep_freed_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

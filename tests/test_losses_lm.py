@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bbu_jax.losses.lm_loss import lm_loss
-from bbu_jax.training import sharding
+from bbu_jax.foundation import sharding
 
 B, L, D, V = 2, 37, 16, 101  # L not a multiple of the chunk: exercises the padding
 

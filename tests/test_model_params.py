@@ -67,7 +67,7 @@ def test_v5_layout_export_loads_in_transformers(tiny_hf_dir, model, tmp_path):
 
 
 def test_sharded_index_and_bf16_weights(tmp_path, model):
-    from bbu_jax.testing.tiny_hf import write_tiny_qwen2_5_vl
+    from bbu_jax.workflows.tiny_model import write_tiny_qwen2_5_vl
 
     d = write_tiny_qwen2_5_vl(tmp_path / "bf16", seed=0, weights_dtype=jnp.bfloat16, max_shard_bytes=20_000)
     assert (d / "model.safetensors.index.json").is_file()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bbu_jax.models.qwen2_5_vl import from_hf, hf_forward, host
-import hf_reference
+from bbu_jax.models.qwen2_5_vl import from_hf, hf_forward, processing
+from bbu_jax.testing import hf_reference
 
 pytest.importorskip("torch")
 
@@ -85,7 +85,7 @@ def test_vision_tower_parity(tiny_hf_dir, torch_model, jax_model):
     with torch.no_grad():
         ref = torch_model.model.visual(torch.from_numpy(inputs["pixel_values"]),
                                        grid_thw=torch.from_numpy(grids)).pooler_output.numpy()
-    lay = host.vision_layout([tuple(g) for g in grids])
+    lay = processing.vision_layout([tuple(g) for g in grids])
     feats = jax_model.visual(jnp.asarray(inputs["pixel_values"][lay.perm])[None], jnp.asarray(lay.pos)[None],
                              jnp.asarray(lay.window_ids)[None], jnp.asarray(lay.image_ids)[None])[0]
     out = np.asarray(feats)[lay.merged_index]  # window order -> processor/text order

@@ -6,8 +6,8 @@ from flax import nnx
 from PIL import Image
 
 from bbu_jax.models.qwen2_5_vl import from_hf, hf_forward
-import hf_reference
-from bbu_jax.training import sharding
+from bbu_jax.testing import hf_reference
+from bbu_jax.foundation import sharding
 
 
 @pytest.fixture(scope="module")

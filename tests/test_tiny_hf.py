@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from bbu_jax.testing.tiny_hf import SPECIAL_TOKENS, write_tiny_qwen2_5_vl
+from bbu_jax.workflows.tiny_model import SPECIAL_TOKENS, write_tiny_qwen2_5_vl
 
 
 def test_transformers_loads_without_missing_keys(tiny_hf_dir, tiny_hf_dir_untied):

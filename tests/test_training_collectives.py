@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bbu_jax.training import collectives, sharding, task
+from bbu_jax.foundation import sharding
+from bbu_jax.perf import collectives
+from bbu_jax.training import task
 
 HEAD = task.HeadSpec(width=32, num_queries=8, num_layers=1, num_heads=4, mlp_dim=64, caption_layers=1,
                      max_caption_len=8)

@@ -36,7 +36,8 @@ def main():
     import training_toy as toy
     from bbu_jax.training import checkpointing, loop, metrics_logging, train_state
     from bbu_jax.training import optimizer as opt
-    from bbu_jax.training import sharding, step as step_lib
+    from bbu_jax.foundation import sharding
+    from bbu_jax.training import step as step_lib
 
     _, params, _, loss_fn = toy.make_task(seed=0)
     tx, schedules = opt.make_optimizer(

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from bbu_jax.data.desc import DescMap, normalize_desc
 from bbu_jax.data.readers import RawRecord, read_raw
-from bbu_jax.data.vision_process import resize_image
+from bbu_jax.models.qwen2_5_vl.processing import resize_image
 
 BOUNDS_TOLERANCE = 1.0  # raw boxes may overshoot the photo by this many pixels (then clamped)
 

@@ -21,8 +21,8 @@ from PIL import Image
 from bbu_jax.data import chat
 from bbu_jax.data.convert import scale_box
 from bbu_jax.data.schema import Example, Record, RecordError
-from bbu_jax.data.vision_process import image_pixels
-from bbu_jax.models.qwen2_5_vl.host import rope_index, vision_layout
+from bbu_jax.models.qwen2_5_vl.processing import image_pixels
+from bbu_jax.models.qwen2_5_vl.processing import rope_index, vision_layout
 
 END_TOKEN = "<|im_end|>"
 

@@ -23,7 +23,7 @@ from bbu_jax.inference.predict import decode_detections, detect_from_outputs
 from bbu_jax.losses import LossWeights, multitask_loss
 from bbu_jax.models.detection_head import DetectionHead
 from bbu_jax.models.qwen2_5_vl import Qwen25VL
-from bbu_jax.training import sharding
+from bbu_jax.foundation import sharding
 
 
 @nnx.jit(static_argnames=("weights", "lm_chunk", "matcher", "top_k"))

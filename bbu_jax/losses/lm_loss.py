@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from bbu_jax.training.sharding import constrain, shards
+from bbu_jax.foundation.sharding import constrain, shards
 
 TEACHER, STUDENT = 1, 2
 Metrics = dict[str, tuple[Array, Array]]

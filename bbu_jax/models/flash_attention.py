@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
-from bbu_jax.training.sharding import logical_to_spec
+from bbu_jax.foundation.sharding import logical_to_spec
 
 LOG2E = math.log2(math.e)
 NEG = -0.7 * float(np.finfo(np.float32).max)  # masked score; finite, so max() never yields NaN

@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bbu_jax.training.optimizer import group_norms
-from bbu_jax.training.sharding import mesh_context
+from bbu_jax.foundation.sharding import mesh_context
 from bbu_jax.training.train_state import State
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]

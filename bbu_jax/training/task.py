@@ -15,7 +15,8 @@ from bbu_jax.data.batch import FIELDS, MODEL_INPUTS, expected_shapes
 from bbu_jax.losses import LossWeights, MatchCost, loss_normalizers, multitask_loss
 from bbu_jax.models.detection_head import DetectionHead
 from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig, from_hf
-from bbu_jax.training import optimizer, sharding, train_state
+from bbu_jax.foundation import sharding
+from bbu_jax.training import optimizer, train_state
 from bbu_jax.training import step as step_lib
 
 

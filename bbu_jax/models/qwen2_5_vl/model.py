@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int, Shaped
 
-from bbu_jax.models.qwen2_5_vl import host
+from bbu_jax.models.qwen2_5_vl import processing
 from bbu_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from bbu_jax.models.qwen2_5_vl.text import KVCache, TextModel, param
 from bbu_jax.models.qwen2_5_vl.vision import VisionTower
@@ -117,7 +117,7 @@ def hf_forward(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=Non
     ids = _np(input_ids)
     grids = None if image_grid_thw is None else _np(image_grid_thw)
     n_patches = 0 if pixel_values is None else _np(pixel_values).shape[0]
-    batch = host.prepare_hf_batch(
+    batch = processing.prepare_hf_batch(
         ids, None if attention_mask is None else _np(attention_mask),
         None if pixel_values is None else _np(pixel_values), grids,
         image_token_id=cfg.image_token_id, vision_start_token_id=cfg.vision_start_token_id,

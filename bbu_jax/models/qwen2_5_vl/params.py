@@ -107,7 +107,7 @@ def from_hf(hf_dir: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh | Non
             scan_layers: bool = True) -> Qwen25VL:
     """Load an HF Qwen2.5-VL folder. With ``mesh``, every tensor goes straight to its sharding
     (abstract model -> shardings from logical names -> device_put per tensor -> merge)."""
-    from bbu_jax.training.sharding import param_shardings
+    from bbu_jax.foundation.sharding import param_shardings
 
     hf_dir = Path(hf_dir)
     cfg = Qwen25VLConfig.from_file(hf_dir / "config.json")

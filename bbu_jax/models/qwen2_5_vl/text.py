@@ -1,7 +1,7 @@
 """Qwen2.5-VL text decoder (Qwen2 layers with M-RoPE) and the small layers the vision tower shares.
 
 Parameters are float32 and carry logical axis names (``out_sharding`` metadata) that
-``bbu_jax.training.sharding`` maps onto the mesh; matmuls run in ``compute_dtype`` with f32
+``bbu_jax.foundation.sharding`` maps onto the mesh; matmuls run in ``compute_dtype`` with f32
 accumulation, norms and rotary embeddings in f32. Layers are created stacked (``nnx.vmap``) and run
 with ``nnx.scan`` so compile time does not grow with depth.
 """
@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int
 
 from bbu_jax.models.attention import attention
 from bbu_jax.models.qwen2_5_vl.config import TextConfig
-from bbu_jax.training.sharding import constrain, gathered_weight
+from bbu_jax.foundation.sharding import constrain, gathered_weight
 
 Axes = tuple[str | None, ...]
 LAYERS_AXIS = "layers"
@@ -38,7 +38,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 def param(value: jax.Array, axes: Axes) -> nnx.Param:
     """A Param annotated with logical axis names. Eager sharding is off: names are resolved to mesh
-    axes only by ``bbu_jax.training.sharding`` (so the model builds with or without a mesh)."""
+    axes only by ``bbu_jax.foundation.sharding`` (so the model builds with or without a mesh)."""
     with nnx.use_eager_sharding(False):
         return nnx.Param(value, out_sharding=axes)
 

@@ -20,7 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bbu_jax.training import checkpointing, config as config_lib, loop, metrics_logging
 from bbu_jax.training import optimizer as opt_lib
-from bbu_jax.training import sharding, step as step_lib, task, train_state
+from bbu_jax.foundation import sharding
+from bbu_jax.training import step as step_lib, task, train_state
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 def prepare_assets(c: ml_collections.ConfigDict) -> None:
     """Demo configs: write the tiny model / the synthetic dataset when they are missing."""
     if c.make_tiny_model_if_missing and not os.path.exists(os.path.join(c.hf_dir, "config.json")):
-        from bbu_jax.testing.tiny_hf import write_tiny_qwen2_5_vl
+        from bbu_jax.workflows.tiny_model import write_tiny_qwen2_5_vl
         log.info("writing a tiny random Qwen2.5-VL to %s", c.hf_dir)
         write_tiny_qwen2_5_vl(c.hf_dir, seed=c.seed)
     if c.make_synthetic_data_if_missing and not os.path.exists(c.train_jsonl):
@@ -286,8 +287,8 @@ def _train_iterator(c):
 def export_hf(c, built: Built, params, out: pathlib.Path) -> pathlib.Path:
     """HF folder for the trained model (transformers loads it) plus the detection head as
     detection_head.safetensors + detection_head_config.json (architecture + caption vocabulary)."""
-    from convert_weights.detection_head_files import save_detection_head
-    from convert_weights.flax_to_hf import export
+    from bbu_jax.models.detection_head_files import save_detection_head
+    from bbu_jax.workflows.export import export
     replicated = jax.jit(lambda p: p, out_shardings=NamedSharding(built.mesh, P()))(params)
     host = jax.device_get(replicated)
     if jax.process_index() != 0:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from convert_weights.hf_files import atomic_dir, save_safetensors_shards
+from bbu_jax.foundation.files import atomic_dir, save_safetensors_shards
 
 # Qwen2's special tokens in their original order (ids follow the regular vocabulary).
 SPECIAL_TOKENS = [

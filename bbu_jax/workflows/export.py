@@ -1,0 +1,88 @@
+"""HF weights in and out: an HF Qwen2.5-VL folder <-> a bbu_jax params checkpoint <-> an HF export.
+
+A params checkpoint is a folder: params/ (orbax, a pure dict of arrays, restorable onto any mesh;
+restoring casts to the model's float32 params, so storing bfloat16 is lossless for the released bf16
+checkpoints and halves the conversion's memory), hf/ (the source's config.json, tokenizer and
+processor files, so an export needs nothing else) and bbu_jax.json (what this is, where it came
+from). convert_weights/hf_to_flax.py and flax_to_hf.py are the command lines over these functions.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from bbu_jax.foundation.files import atomic_dir, copy_side_files, save_safetensors_shards
+from bbu_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, from_hf, to_hf_state_dict
+from bbu_jax.models.qwen2_5_vl.params import abstract_model
+
+FORMAT = "bbu_jax.params"
+META_FILE = "bbu_jax.json"
+# dtype name -> (dtype the model is loaded in, dtype an export stores)
+LOAD_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def save_params_checkpoint(model: nnx.Module, out: Path, hf_files_from: Path, source: str) -> Path:
+    """Write ``model``'s params + the HF side files atomically to ``out``."""
+    with atomic_dir(Path(out)) as tmp:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save((tmp / "params").absolute(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        ckptr.wait_until_finished()
+        (tmp / "hf").mkdir()
+        shutil.copy2(hf_files_from / "config.json", tmp / "hf" / "config.json")
+        copy_side_files(hf_files_from, tmp / "hf")
+        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "version": 1, "source": source}, indent=2))
+    return Path(out)
+
+
+def convert(hf_dir: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"{hf_dir}: not a folder")
+    if dtype not in LOAD_DTYPES:
+        raise ValueError(f"dtype {dtype!r} not one of {sorted(LOAD_DTYPES)}")
+    model = from_hf(hf_dir, dtype=LOAD_DTYPES[dtype])
+    return save_params_checkpoint(model, Path(out), hf_dir, source=str(hf_dir.absolute()))
+
+
+def load_params_checkpoint(checkpoint: str | Path) -> tuple[Qwen25VL, Path]:
+    """The model stored by hf_to_flax (or a training export) and its folder of HF side files."""
+    ckpt = Path(checkpoint).absolute()
+    meta_file = ckpt / META_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{ckpt}: no {META_FILE}; not a bbu_jax params checkpoint "
+                                f"(made by convert_weights.hf_to_flax or a training run's export)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    hf_files = ckpt / "hf"
+    cfg = Qwen25VLConfig.from_file(hf_files / "config.json")
+    graphdef, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
+    restored = ocp.StandardCheckpointer().restore(ckpt / "params", nnx.to_pure_dict(params))
+    nnx.replace_by_pure_dict(params, restored)
+    return nnx.merge(graphdef, params, rest), hf_files
+
+
+def export(model: Qwen25VL, out: str | Path, base_hf_dir: str | Path, *, dtype: str = "float32",
+           max_shard_bytes: int | None = 5 * 2**30) -> Path:
+    """Write an HF folder for ``model`` with ``base_hf_dir``'s tokenizer and processor files."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype {dtype!r} not one of {sorted(EXPORT_DTYPES)}")
+    base = Path(base_hf_dir)
+    weights = to_hf_state_dict(model, layout="legacy", dtype=EXPORT_DTYPES[dtype])
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = dtype
+    with atomic_dir(Path(out)) as tmp:
+        save_safetensors_shards(weights, tmp, max_shard_bytes)
+        copied = copy_side_files(base, tmp)
+        if "tokenizer_config.json" not in copied and "tokenizer.json" not in copied:
+            raise FileNotFoundError(f"{base}: no tokenizer files to copy into the export")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return Path(out)
