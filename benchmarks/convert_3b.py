@@ -1,6 +1,6 @@
 """Conversion cost at the 3B shape: HF safetensors -> bbu_jax params, against merely reading them.
 
-    python benchmarks/convert_3b.py [--text_layers 36] [--workdir DIR]
+    python benchmarks/convert_3b.py [--text_layers N] [--workdir DIR]
 
 Writes (or reuses, in --workdir) a random checkpoint with Qwen2.5-VL-3B's shapes (bf16 on disk, sharded like the release;
 fewer text layers when memory is short), then runs each step in a fresh process so every peak
@@ -56,39 +56,45 @@ def run_step(name: str, hf: Path, out: Path) -> tuple[float, float]:
 
 
 def write_checkpoint(hf: Path, text_layers: int) -> None:
-    """Random weights with Qwen2.5-VL-3B's shapes, bf16 and sharded like the release."""
+    """Random weights with Qwen2.5-VL-3B's shapes (``Qwen25VLConfig()``), bf16 and sharded like the release."""
     import ml_dtypes
 
+    from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig
     from bbu_jax.workflows.tiny_model import write_tiny_qwen2_5_vl
 
+    t, v = Qwen25VLConfig().text, Qwen25VLConfig().vision
     write_tiny_qwen2_5_vl(
         hf, weights_dtype=ml_dtypes.bfloat16, max_shard_bytes=4 * 2**30,
-        vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-        num_hidden_layers=text_layers, num_attention_heads=16, num_key_value_heads=2,
-        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-        vision_depth=32, vision_hidden_size=1280, vision_intermediate_size=3420, vision_num_heads=16,
-        vision_out_hidden_size=2048, vision_fullatt_block_indexes=[7, 15, 23, 31])
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=text_layers, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        rope_scaling={"type": "mrope", "mrope_section": list(t.mrope_section)},
+        vision_depth=v.depth, vision_hidden_size=v.hidden_size, vision_intermediate_size=v.intermediate_size,
+        vision_num_heads=v.num_heads, vision_out_hidden_size=v.out_hidden_size,
+        vision_fullatt_block_indexes=list(v.fullatt_block_indexes))
 
 
 def main() -> None:
     from benchmarks._common import record
+    from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--text_layers", type=int, default=36)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text_layers", type=int, default=None, help="default: the 3B's")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
+    text_layers = args.text_layers or Qwen25VLConfig().text.num_hidden_layers
     work = Path(args.workdir or tempfile.mkdtemp(prefix="convert_3b_"))
     hf = work / "hf"
     if not (hf / "config.json").is_file():
-        write_checkpoint(hf, args.text_layers)
+        write_checkpoint(hf, text_layers)
     disk = sum(f.stat().st_size for f in hf.glob("*.safetensors")) / 2**30
-    print(f"3B-shape checkpoint: {args.text_layers} text layers, {disk:.2f} GiB bf16")
+    print(f"3B-shape checkpoint: {text_layers} text layers, {disk:.2f} GiB bf16")
     rows = {name: run_step(name, hf, work / name) for name in STEPS}
     print(f"{'step':<16}{'seconds':>10}{'peak RSS GiB':>14}")
     for name, (s, rss) in rows.items():
         print(f"{name:<16}{s:>10.1f}{rss:>14.2f}" + ("   (killed: out of memory)" if s != s else ""))
     ratio = rows["hf_to_flax_bf16"][0] / rows["read"][0]
-    record("convert_3b", f"convert_3b: hf_to_flax_bf16/read = {ratio:.1f}", text_layers=args.text_layers,
+    record("convert_3b", f"convert_3b: hf_to_flax_bf16/read = {ratio:.1f}", text_layers=text_layers,
            checkpoint_gib=disk, **{f"{k}_s": v[0] for k, v in rows.items()},
            **{f"{k}_peak_rss_gib": v[1] for k, v in rows.items()})
 

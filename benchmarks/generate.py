@@ -18,7 +18,6 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the transformers reference
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
@@ -65,8 +64,8 @@ def main():
         model = from_hf(hf_dir)
         cfg = model.config
         batch = processing.prepare_hf_batch(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                      inputs["image_grid_thw"], image_token_id=cfg.image_token_id,
-                                      vision_start_token_id=cfg.vision_start_token_id)
+                                            inputs["image_grid_thw"], image_token_id=cfg.image_token_id,
+                                            vision_start_token_id=cfg.vision_start_token_id)
         prompt = pad_prompts([batch], rows=b, length=round_up(prompt_len, 64),
                              num_patches=round_up(batch["patches"].shape[1], 64))
 

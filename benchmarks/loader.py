@@ -1,13 +1,13 @@
 """Loader throughput at the 3B run's budgets, against what the 3B train step consumes.
 
-The training loader (``make_train_iterator``) with ``configs/base.py``'s data settings: batches of
-``batch_rows`` rows x ``token_budget`` tokens / ``patch_budget`` patches, ``segments_per_row``
-samples per packed row, its pixel limits, teacher ratio, teacher count and language. The data are
-synthetic scenes enlarged ``--scale`` times (so conversion resizes them down to ``max_pixels`` as
-it would field photos), converted as ``scripts/convert_dataset.py`` does. Tokenizer: the tiny test
+The training loader (``make_train_iterator``) with ``configs/base.py``'s data spec: its batch
+budgets (rows, tokens, patches, samples per packed row, ...), pixel limits, teacher ratio,
+teacher count and language. The data are synthetic scenes enlarged ``--scale`` times (so
+conversion resizes them down to ``max_pixels`` as it would field photos), converted as
+``scripts/convert_dataset.py`` does. Tokenizer: the tiny test
 tokenizer (``bbu_jax.workflows.tiny_model``; no model hub), whose text is longer per character than Qwen's.
 
-Consumption: each batch's model FLOPs for the 3B (``benchmarks.mfu.step_flops`` on the batch's own
+Consumption: each batch's model FLOPs for the 3B (``bbu_jax.training.flops.batch_flops``: the batch's own
 segments and image grids) at ``--mfu`` of ``--peak_tflops`` are the GPU-seconds of training it
 holds; GPU-seconds produced per second of loading = how many GPUs this loader keeps busy. Measured
 for the packed collator with 0 (in the main process), 1, 2 grain workers, and for the standard
@@ -33,26 +33,27 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.mfu import batch_layout, step_flops  # noqa: E402
+from benchmarks._common import record, run_specs  # noqa: E402
 from bbu_jax.data.batch import check_batch  # noqa: E402
 from bbu_jax.data.collate import fill_rate  # noqa: E402
 from bbu_jax.data.convert import convert_dataset  # noqa: E402
+from bbu_jax.data.encode import SampleEncoder  # noqa: E402
 from bbu_jax.data.pipeline import make_train_iterator  # noqa: E402
 from bbu_jax.data.synthetic import write_labelme_dataset  # noqa: E402
 from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig  # noqa: E402
+from bbu_jax.training.flops import batch_flops, batch_layout  # noqa: E402
 from bbu_jax.workflows.tiny_model import write_tiny_qwen2_5_vl  # noqa: E402
-from bbu_jax.workflows.train import budgets as config_budgets  # noqa: E402
-from configs.base import get_config  # noqa: E402
 
 
-def run(c, data: str, model: str, collator: str, workers: int, batches: int, gpu_flops: float) -> dict:
-    """Throughput, fill and the GPU-seconds of 3B training in ``batches`` batches of one loader."""
-    segments = c.segments_per_row if collator == "packed" else 1
-    budgets = config_budgets(c, rows=c.batch_rows, segments=segments)
-    it = make_train_iterator(os.path.join(data, "train.jsonl"), os.path.join(data, "teacher_pool.jsonl"), model,
-                             budgets, collator=collator, teacher_ratio=c.teacher_ratio, max_teachers=c.max_teachers,
-                             min_pixels=c.min_pixels, max_pixels=c.max_pixels, language=c.language, seed=0,
-                             num_workers=workers)
+def run(spec, data: str, model: str, collator: str, workers: int, batches: int, gpu_flops: float) -> dict:
+    """Throughput, fill and the GPU-seconds of 3B training in ``batches`` batches of one loader
+    (``spec``: the run's data spec)."""
+    spec = dataclasses.replace(spec, train_jsonl=os.path.join(data, "train.jsonl"),
+                               teacher_pool_jsonl=os.path.join(data, "teacher_pool.jsonl"), collator=collator,
+                               workers=workers, segments_per_row=spec.segments_per_row if collator == "packed" else 1)
+    budgets = spec.budgets(rows=spec.batch_rows, segments=spec.segments_per_row)
+    encoder = SampleEncoder(model, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, language=spec.language)
+    it = make_train_iterator(spec, encoder, seed=0)
     check_batch(next(it), budgets.dims())  # start-up excluded
     kept = []
     t0 = time.perf_counter()
@@ -63,12 +64,11 @@ def run(c, data: str, model: str, collator: str, workers: int, batches: int, gpu
     if hasattr(it, "close"):
         it.close()
     cfg = Qwen25VLConfig()  # the 3B
-    layouts = [batch_layout(b) for b in kept]
-    work = sum(step_flops(cfg, segments=s, images=g) for s, g in layouts)
+    work = sum(batch_flops(cfg, b) for b in kept)
     fills = np.mean([fill_rate(b) for b in kept], 0)
     tokens = sum(int((b["segment_ids"] > 0).sum()) for b in kept)
     patches = sum(int((b["patch_image_ids"] > 0).sum()) for b in kept)
-    samples = sum(len(row) for segments, _ in layouts for row in segments)
+    samples = sum(len(row) for b in kept for row in batch_layout(b)[0])
     return {"collator": collator, "workers": workers, "rows_per_s": batches * budgets.rows / dt,
             "samples_per_s": samples / dt, "tokens_per_s": tokens / dt, "patches_per_s": patches / dt,
             "token_fill": float(fills[0]), "patch_fill": float(fills[1]),
@@ -86,20 +86,21 @@ def main() -> None:
     p.add_argument("--peak_tflops", type=float, default=None, help="per GPU (default: configs/base.py's)")
     p.add_argument("--no-record", dest="record", action="store_false")
     args = p.parse_args()
-    c = get_config()
-    peak = args.peak_tflops or c.peak_tflops_per_device
+    specs = run_specs()
+    d = specs.data
+    peak = args.peak_tflops or specs.run.peak_tflops_per_device
     gpu_flops = args.mfu * peak * 1e12
     with tempfile.TemporaryDirectory() as tmp:
         raw, data = os.path.join(tmp, "raw"), os.path.join(tmp, "data")
         write_labelme_dataset(raw, args.num_images, seed=0, scale=args.scale)
-        convert_dataset(raw, "labelme", data, min_pixels=c.min_pixels, max_pixels=c.max_pixels, val_ratio=0.1,
-                        teacher_pool_size=max(1, args.num_images // 10), seed=0, language=c.language, progress=False)
+        convert_dataset(raw, "labelme", data, min_pixels=d.min_pixels, max_pixels=d.max_pixels, val_ratio=0.1,
+                        teacher_pool_size=max(1, args.num_images // 10), seed=0, language=d.language, progress=False)
         model = str(write_tiny_qwen2_5_vl(os.path.join(tmp, "tiny")))
-        rows = [run(c, data, model, "standard", 0, args.batches, gpu_flops)]
-        rows += [run(c, data, model, "packed", w, args.batches, gpu_flops) for w in args.workers]
-    budgets = dataclasses.asdict(config_budgets(c, rows=c.batch_rows, segments=c.segments_per_row))
-    print(f"configs/base.py budgets {budgets}; pixels {c.min_pixels}..{c.max_pixels}, teacher ratio "
-          f"{c.teacher_ratio}, max teachers {c.max_teachers}, language {c.language}; scenes x{args.scale}; "
+        rows = [run(d, data, model, "standard", 0, args.batches, gpu_flops)]
+        rows += [run(d, data, model, "packed", w, args.batches, gpu_flops) for w in args.workers]
+    budgets = dataclasses.asdict(d.budgets(rows=d.batch_rows, segments=d.segments_per_row))
+    print(f"configs/base.py budgets {budgets}; pixels {d.min_pixels}..{d.max_pixels}, teacher ratio "
+          f"{d.teacher_ratio}, max teachers {d.max_teachers}, language {d.language}; scenes x{args.scale}; "
           f"{os.cpu_count()} cpus; consumption: 3B step at {args.mfu:.0%} MFU of {peak:g} TFLOP/s per GPU")
     print(f"{'collator':9} {'workers':>7} {'rows/s':>7} {'samples/s':>9} {'tokens/s':>9} {'patches/s':>9} "
           f"{'token fill':>10} {'patch fill':>10} {'samples/row':>11} {'GPU s/row':>9} {'GPUs fed':>8}")
@@ -115,8 +116,6 @@ def main() -> None:
     if not args.record:
         print(headline)
         return
-    from benchmarks._common import record
-
     record("loader", headline, budgets=budgets, scale=args.scale, num_images=args.num_images,
            batches=args.batches, mfu=args.mfu, peak_tflops=peak, results=rows)
 

@@ -1,10 +1,11 @@
 """predict_detection (one forward + the head) against generating the JSON answer, same images.
 
     python benchmarks/predict_vs_generate.py --checkpoint demo_out/run/hf_export \
-        --data demo_out/data/val.jsonl [--num_images 8] [--max_new_tokens 384] [--max_pixels 50176]
+        --data demo_out/data/val.jsonl [--num_images 8] [--max_new_tokens 384] [--config configs/demo.py]
 
 Both paths load the same export, compile once (a warm-up call), then are timed over the same
-batch of images; generation runs to max_new_tokens or <|im_end|>, as a user would run it.
+batch of images, encoded with the pixel limits and language of the config the export was trained
+with; generation runs to max_new_tokens or <|im_end|>, as a user would run it.
 Last line: `predict_vs_generate: predict/generate = RATIO` (latency ratio).
 """
 from __future__ import annotations
@@ -18,28 +19,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
+    from benchmarks._common import ROOT, record, run_specs
     from bbu_jax.data.encode import SampleEncoder
     from bbu_jax.data.schema import load_records
     from bbu_jax.inference.answers import generate_answers
     from bbu_jax.inference.predict import predict_detection
-    from bbu_jax.models.qwen2_5_vl import from_hf
-    from benchmarks._common import record
     from bbu_jax.models.detection_head_files import load_detection_head
+    from bbu_jax.models.qwen2_5_vl import from_hf
 
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--num_images", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=384)
-    p.add_argument("--min_pixels", type=int, default=3136)
-    p.add_argument("--max_pixels", type=int, default=50176)
-    p.add_argument("--language", default="en")
+    p.add_argument("--config", default=str(ROOT / "configs" / "demo.py"), help="the run that made the export")
     args = p.parse_args()
+    data = run_specs(args.config).data
 
     model = from_hf(args.checkpoint)
     head, vocab = load_detection_head(args.checkpoint)
-    encoder = SampleEncoder(args.checkpoint, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                            language=args.language)
+    encoder = SampleEncoder(args.checkpoint, min_pixels=data.min_pixels, max_pixels=data.max_pixels,
+                            language=data.language)
     records = load_records(args.data)[0][:args.num_images]
     images = [r.student.images[0] for r in records]
     n = len(images)

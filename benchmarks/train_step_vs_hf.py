@@ -2,8 +2,8 @@
 
 One small Qwen2.5-VL (text hidden 512, 4 layers, vocab 8192; vision hidden 256, depth 4), batch 2
 rows of 1024 tokens, one 448x448 image (1024 patches -> 256 image tokens) per row, language loss on
-the last 512 tokens of each row. A full step = forward, backward, AdamW update (lr 1e-5, weight
-decay 0.01, same on both sides), all parameters trained, float32.
+the last 512 tokens of each row. A full step = forward, backward, AdamW update (lr 1e-5 for every
+parameter, configs/base.py's weight decay, betas and eps; the same on both sides), float32.
 
   bbu_jax       the product's train step as scripts/train.py builds it (task.build_modules,
                 task.make_loss_fn with the head off, optimizer.make_optimizer with one lr for
@@ -19,7 +19,7 @@ worker resets its peak RSS (write "5" to /proc/self/clear_refs), then reads VmHW
 "step peak" is that minus the RSS at the reset (for PyTorch it includes AdamW's state, which
 torch allocates in the first step: 2 x 4 bytes per parameter). bbu_jax also reports XLA's buffer plan
 (memory_analysis: temp bytes of the compiled step). Achieved GFLOP/s uses the same analytic model
-FLOP count for both sides (benchmarks.mfu.step_flops: useful matmul + attention FLOPs, windows and
+FLOP count for both sides (bbu_jax.training.flops.step_flops: useful matmul + attention FLOPs, windows and
 causality respected, x3 for training), against a plain f32 (2048^3) matmul timed in each worker.
 The "floor" line divides those FLOPs by XLA's matmul rate: the ratio bbu_jax would reach if every
 product of its step ran as fast as that large square matmul and nothing else took time.
@@ -38,6 +38,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -48,7 +49,7 @@ import numpy as np  # noqa: E402
 
 IMAGE_SIDE = 448
 PATCH = 14
-LR, WEIGHT_DECAY = 1e-5, 0.01
+LR = 1e-5
 OVERRIDES = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
                  vision_hidden_size=256, vision_intermediate_size=768, vision_num_heads=4, vision_depth=4,
@@ -109,24 +110,27 @@ def jax_worker(hf_dir: Path, inputs: dict[str, np.ndarray], lm_chunk: int, scan_
     import jax
     import jax.numpy as jnp
 
+    from benchmarks._common import run_specs
     from bbu_jax.data.batch import FIELDS, expected_shapes
-    from bbu_jax.models.qwen2_5_vl import processing
     from bbu_jax.foundation import sharding
+    from bbu_jax.models.qwen2_5_vl import processing
     from bbu_jax.training import optimizer, task, train_state
     from bbu_jax.training import step as step_lib
 
+    run = run_specs()
     mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
-    modules = task.build_modules(str(hf_dir), param_dtype=jnp.float32, compute_dtype=jnp.float32, remat="none",
-                                 attention_impl="xla", head=None, seed=0, mesh=mesh, scan_layers=scan_layers)
+    model = dataclasses.replace(run.model, hf_dir=str(hf_dir), param_dtype="float32", compute_dtype="float32",
+                                remat_policy="none", attention_impl="xla", scan_layers=scan_layers)
+    modules = task.build_modules(model, None, seed=0, mesh=mesh)
     cfg = modules["model"].config
     graphdefs, params, rest = train_state.split_modules(modules)
-    weights = task.loss_weights(lm=1.0, detection=0.0, bbox_l1=0, bbox_giou=0, objectness=0, caption=0,
-                                match_class=0, match_bbox=0, match_giou=0, focal_alpha=0.25, focal_gamma=2)
-    loss_fn = task.make_loss_fn(graphdefs, rest, weights=weights, caption_vocab=None, lm_chunk=lm_chunk,
-                                matcher="scipy")
-    tx, _ = optimizer.make_optimizer(params, lrs={g: LR for g in optimizer.GROUPS}, warmup_steps=0,
-                                     total_steps=10**6, min_lr_ratio=1.0, weight_decay=WEIGHT_DECAY, b1=0.9,
-                                     b2=0.999, eps=1e-8, grad_clip_norm=0.0, head_freeze_steps=0)
+    # no head: the language loss alone, unweighted like transformers' loss
+    loss = dataclasses.replace(run.loss, weights=dataclasses.replace(run.loss.weights, lm=1.0), lm_chunk=lm_chunk)
+    loss_fn = task.make_loss_fn(graphdefs, rest, loss, caption_vocab=None)
+    # the run's AdamW at one constant lr for every group, unclipped: what the PyTorch side does
+    optim = dataclasses.replace(run.optim, lrs={g: LR for g in optimizer.GROUPS}, warmup_steps=0,
+                                min_lr_ratio=1.0, grad_clip_norm=0.0, head_freeze_steps=0)
+    tx, _ = optimizer.make_optimizer(params, optim, total_steps=10**6)
     labels = optimizer.group_labels(params)
     abstract = train_state.abstract_state(params, tx, 0)
     shardings = train_state.state_shardings(abstract, task.param_shardings(modules, mesh), mesh)
@@ -137,8 +141,8 @@ def jax_worker(hf_dir: Path, inputs: dict[str, np.ndarray], lm_chunk: int, scan_
     # an empty detection part (one segment, no objects)
     rows, length = inputs["input_ids"].shape
     batch = processing.prepare_hf_batch(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                                  inputs["image_grid_thw"], image_token_id=cfg.image_token_id,
-                                  vision_start_token_id=cfg.vision_start_token_id)
+                                        inputs["image_grid_thw"], image_token_id=cfg.image_token_id,
+                                        vision_start_token_id=cfg.vision_start_token_id)
     labels_hf = inputs["labels"]
     batch["targets"] = np.pad(np.maximum(labels_hf[:, 1:], 0), ((0, 0), (0, 1))).astype(np.int32)
     batch["target_kind"] = np.pad(2 * (labels_hf[:, 1:] >= 0), ((0, 0), (0, 1))).astype(np.int8)
@@ -165,7 +169,7 @@ def jax_worker(hf_dir: Path, inputs: dict[str, np.ndarray], lm_chunk: int, scan_
     return step, lambda: matmul_gflops(lambda: mm(a).block_until_ready()), extra
 
 
-def torch_worker(hf_dir: Path, inputs: dict[str, np.ndarray], threads: int):
+def torch_worker(hf_dir: Path, inputs: dict[str, np.ndarray], adamw: dict, threads: int):
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -173,7 +177,8 @@ def torch_worker(hf_dir: Path, inputs: dict[str, np.ndarray], threads: int):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32,
                                                                attn_implementation="sdpa")
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(adamw["b1"], adamw["b2"]), eps=adamw["eps"],
+                            weight_decay=adamw["weight_decay"])
     t_in = {k: torch.from_numpy(v) for k, v in inputs.items()}
 
     def step() -> float:
@@ -195,7 +200,8 @@ def serve(side: str, workdir: Path, args) -> None:
     inputs = dict(np.load(workdir / "inputs.npz"))
     hf_dir = workdir / "hf"
     step, matmul, extra = (jax_worker(hf_dir, inputs, args.lm_chunk, args.scan_layers) if side == "bbu_jax"
-                           else torch_worker(hf_dir, inputs, args.torch_threads))
+                           else torch_worker(hf_dir, inputs, json.loads((workdir / "adamw.json").read_text()),
+                                             args.torch_threads))
     out = sys.stdout
     sys.stdout = sys.stderr  # library chatter must not reach the protocol pipe
     rss_setup = None
@@ -261,8 +267,9 @@ def main() -> None:
         serve(args.worker, args.workdir, args)
         return
 
-    from benchmarks.mfu import step_flops
+    from benchmarks._common import run_specs
     from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig
+    from bbu_jax.training.flops import step_flops
     from bbu_jax.workflows.tiny_model import write_tiny_qwen2_5_vl
 
     passthrough = ["--lm_chunk", str(args.lm_chunk), "--torch_threads", str(args.torch_threads),
@@ -273,6 +280,10 @@ def main() -> None:
         write_tiny_qwen2_5_vl(work / "hf", seed=0, vocab_size=args.vocab, **OVERRIDES)
         inputs = make_inputs(work / "hf", args.rows, args.tokens, args.supervised)
         np.savez(work / "inputs.npz", **inputs)
+        # the run's AdamW for the PyTorch side, which imports nothing of bbu_jax (its memory is its own)
+        optim = run_specs().optim
+        (work / "adamw.json").write_text(json.dumps({"weight_decay": optim.weight_decay, "b1": optim.b1,
+                                                     "b2": optim.b2, "eps": optim.eps}))
         workers = [Worker(side, work, passthrough) for side in ("bbu_jax", "transformers")]
         times: dict[str, list[float]] = {w.side: [] for w in workers}
         losses: dict[str, list[float]] = {w.side: [] for w in workers}
@@ -293,7 +304,7 @@ def main() -> None:
 
     print("step times in order:", {k: [round(t, 2) for t in v] for k, v in times.items()})
     grid = IMAGE_SIDE // PATCH
-    flops = step_flops(cfg, segments=[[args.tokens]] * args.rows, images=[[grid * grid]] * args.rows)
+    flops = step_flops(cfg, segments=[[args.tokens]] * args.rows, images=[[(1, grid, grid)]] * args.rows)
     for side in times:
         med = statistics.median(times[side])
         figures[side].update(median_s=med, min_s=min(times[side]), max_s=max(times[side]),

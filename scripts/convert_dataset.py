@@ -10,6 +10,7 @@ Use the SAME min/max pixels as training. --language rewrites descs through the z
 import argparse
 import sys
 
+from bbu_jax.data.chat import LANGUAGES
 from bbu_jax.data.convert import convert_dataset
 from bbu_jax.data.readers import READERS
 
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--val_ratio", type=float, required=True)
     p.add_argument("--teacher_pool_size", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--language", choices=["zh", "en"], default=None)
+    p.add_argument("--language", choices=LANGUAGES, default=None)
     p.add_argument("--desc_map", default=None)
     p.add_argument("--skip_bad_samples", action="store_true")
     p.add_argument("--num_workers", type=int, default=2)

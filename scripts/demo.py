@@ -6,7 +6,7 @@ HF, then loads the export back, generates JSON answers for a few val images, par
 ground truth vs the head's boxes, and prints where everything is. Each run starts a fresh run
 folder (the model and data are reused).
 
-  python scripts/demo.py [--config.num_train_steps=40 ...]
+  python scripts/demo.py [--config.run.num_train_steps=40 ...]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _lm_loss_curve(metrics_jsonl: pathlib.Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/lm_loss"]) for r in rows if "train/lm_loss" in r]
 
 
-def check_export(c, hf_export: pathlib.Path, out: pathlib.Path, num_samples: int) -> dict:
+def check_export(specs, hf_export: pathlib.Path, out: pathlib.Path, num_samples: int) -> dict:
     """Reload the HF export, generate answers for the first val records, parse them, and draw the
     head's detections next to the ground truth (PNGs in ``out``)."""
     from bbu_jax.data.encode import SampleEncoder
@@ -52,8 +52,9 @@ def check_export(c, hf_export: pathlib.Path, out: pathlib.Path, num_samples: int
 
     model = from_hf(hf_export)
     head, vocab = load_detection_head(hf_export)
-    encoder = SampleEncoder(str(hf_export), min_pixels=c.min_pixels, max_pixels=c.max_pixels, language=c.language)
-    records = load_records(c.val_jsonl)[0][:num_samples]
+    d = specs.data
+    encoder = SampleEncoder(str(hf_export), min_pixels=d.min_pixels, max_pixels=d.max_pixels, language=d.language)
+    records = load_records(d.val_jsonl)[0][:num_samples]
     answers, _ = generate_answers(model, encoder, records, num_teachers=0, max_new_tokens=MAX_NEW_TOKENS,
                                   batch_size=num_samples, progress=False)
     report = generate_metrics([a.gt for a in answers], [a.pred for a in answers], [a.status for a in answers])
@@ -76,19 +77,19 @@ def main(argv) -> int:
     import logging
     logging.getLogger().setLevel(logging.INFO)
     absl_logging.set_verbosity(absl_logging.WARNING)
-    c = _CONFIG.value
     t0 = time.time()
-    from bbu_jax.workflows import train as run
-    from bbu_jax.training.config import validate
     import jax
-    validate(c, device_count=jax.device_count())
-    run.prepare_assets(c)
-    run.check_budgets(c)
-    workdir = pathlib.Path(c.workdir)
+    from bbu_jax.workflows import data_checks, demo_assets, train
+    from bbu_jax.workflows.config import build_specs
+    specs = build_specs(_CONFIG.value, device_count=jax.device_count())
+    demo_assets.prepare_assets(specs)
+    data_checks.check_data_pixels(specs)
+    data_checks.check_budgets(specs, train.make_encoder(specs))
+    workdir = pathlib.Path(specs.run.workdir)
     if workdir.exists():
         print(f"removing the previous demo run {workdir}")
         shutil.rmtree(workdir)
-    result = run.train(c)
+    result = train.train(specs)
     summary = json.loads((workdir / "summary.json").read_text())
     curve = _lm_loss_curve(workdir / "metrics.jsonl")
     print("\n=== bbu_jax demo ===")
@@ -101,14 +102,14 @@ def main(argv) -> int:
         if k in summary:
             print(f"{k:28s} {summary[k]:.4f}")
     if summary.get("hf_export"):
-        check = check_export(c, pathlib.Path(summary["hf_export"]), workdir / "pictures", num_samples=8)
+        check = check_export(specs, pathlib.Path(summary["hf_export"]), workdir / "pictures", num_samples=8)
         print(f"generated answers: {check['complete_json']}/{check['answers']} complete JSON, "
               f"{check['objects']} valid objects ({check['parse_failures']} without JSON); "
               f"generate/f1 {check['generate/f1']:.3f}, precision {check['generate/precision']:.3f}, "
               f"recall {check['generate/recall']:.3f}")
         print(f"pictures         {check['sheet']}")
-    print(f"tiny model       {pathlib.Path(c.hf_dir).absolute()}")
-    print(f"data             {pathlib.Path(c.train_jsonl).absolute().parent}")
+    print(f"tiny model       {pathlib.Path(specs.model.hf_dir).absolute()}")
+    print(f"data             {pathlib.Path(specs.data.train_jsonl).absolute().parent}")
     print(f"run folder       {workdir.absolute()}")
     print(f"tensorboard      tensorboard --logdir {workdir.absolute() / 'tensorboard'}")
     print(f"metrics          {workdir.absolute() / 'metrics.jsonl'}")
@@ -119,4 +120,8 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    from bbu_jax.workflows.config import unknown_overrides
+    if problems := unknown_overrides(sys.argv[1:]):
+        print("\n".join(problems), file=sys.stderr)
+        sys.exit(1)
     app.run(lambda argv: sys.exit(main(argv)))

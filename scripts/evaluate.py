@@ -2,12 +2,14 @@
 
   python scripts/evaluate.py --checkpoint RUN_OR_HF_DIR --data val.jsonl --output REPORT.json \
       [--mode head|generate|both] [--teacher_pool P --num_teachers N] [--language zh|en] \
-      [--min_pixels 3136 --max_pixels 451584] [--batch_size 8] [--max_new_tokens 1024] \
+      [--min_pixels N --max_pixels N] [--config CONFIG] [--batch_size 8] [--max_new_tokens 1024] \
       [--predictions_dir DIR]
 
 --checkpoint is an HF export folder (config.json, safetensors, tokenizer, and for head mode
 detection_head.safetensors + detection_head_config.json), or a training run's workdir (its
-hf_export/ is used). Use the pixel limits the model was trained with.
+hf_export/ is used). Use the pixel limits the model was trained with: language and pixel limits
+default to --config's data group (the config the model was trained with), and so do the loss
+weights that shape the reported val loss total.
 
 Report keys: head mode `head/AP`, `head/AP50`, `head/AR100`, per-type `head/AP50/<type>` ...,
 `head/caption_accuracy`, and every val loss component (`lm_loss`, `bbox_l1_loss`, ...);
@@ -25,6 +27,10 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from bbu_jax.data.chat import LANGUAGES
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.py"
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -61,9 +67,8 @@ def fit_budgets(encoder, records, pool, num_teachers: int, rows: int):
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    from bbu_jax.foundation.files import write_text_atomic
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def main(argv=None) -> int:
@@ -74,13 +79,13 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=["head", "generate", "both"], default="both")
     p.add_argument("--teacher_pool", default=None)
     p.add_argument("--num_teachers", type=int, default=0)
-    p.add_argument("--language", choices=["zh", "en"], default="zh")
-    p.add_argument("--min_pixels", type=int, default=3136)
-    p.add_argument("--max_pixels", type=int, default=451584)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="the training config (defaults below)")
+    p.add_argument("--language", choices=LANGUAGES, default=None, help="default: the config's data.language")
+    p.add_argument("--min_pixels", type=int, default=None, help="default: the config's data.min_pixels")
+    p.add_argument("--max_pixels", type=int, default=None, help="default: the config's data.max_pixels")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=1024)
     p.add_argument("--top_k", type=int, default=100, help="head detections kept per image (COCO counts 100)")
-    p.add_argument("--lm_chunk", type=int, default=1024, help="tokens per chunk of the LM loss")
     p.add_argument("--predictions_dir", default=None)
     p.add_argument("--skip_bad_samples", action="store_true")
     args = p.parse_args(argv)
@@ -90,11 +95,16 @@ def main(argv=None) -> int:
     from bbu_jax.data.schema import load_records
     from bbu_jax.evaluation.evaluator import evaluate, json_safe
     from bbu_jax.evaluation.metrics import generate_metrics
+    from bbu_jax.foundation.files import write_json_atomic
     from bbu_jax.inference.answers import generate_answers
-    from bbu_jax.losses import LossWeights, MatchCost
+    from bbu_jax.workflows.config import build_specs, load_config
     from bbu_jax.models.qwen2_5_vl import from_hf
     from bbu_jax.models.detection_head_files import load_detection_head
 
+    specs = build_specs(load_config(args.config))
+    for key in ("language", "min_pixels", "max_pixels"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(specs.data, key))
     ckpt = resolve_checkpoint(args.checkpoint)
     records, errors = load_records(args.data, skip_bad_samples=args.skip_bad_samples)
     pool = [r.student for r in load_records(args.teacher_pool)[0]] if args.teacher_pool else []
@@ -111,16 +121,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if head is not None:
         budgets = fit_budgets(encoder, records, pool, args.num_teachers, args.batch_size)
-        batches = make_eval_batches(args.data, str(ckpt), budgets, min_pixels=args.min_pixels,
-                                    max_pixels=args.max_pixels, language=args.language,
-                                    teacher_pool=args.teacher_pool, teacher_ratio=float(args.num_teachers > 0),
-                                    max_teachers=args.num_teachers, skip_bad_samples=args.skip_bad_samples)
-        # The DETR reference weights; they only shape the (unreported) total, not the components.
-        weights = LossWeights(lm=1.0, bbox_l1=5.0, bbox_giou=2.0, objectness=2.0, caption=1.0,
-                              match=MatchCost(2.0, 5.0, 2.0, 0.25, 2.0))
+        batches = make_eval_batches(args.data, encoder, budgets, teacher_pool=args.teacher_pool,
+                                    teacher_ratio=float(args.num_teachers > 0), max_teachers=args.num_teachers,
+                                    skip_bad_samples=args.skip_bad_samples)
         head_report, head_preds = evaluate(model, head, batches, records, encoder.tokenizer,
-                                           caption_vocab=caption_vocab, weights=weights,
-                                           lm_chunk=args.lm_chunk, top_k=args.top_k, prefix="")
+                                           caption_vocab=caption_vocab, loss=specs.loss, top_k=args.top_k,
+                                           prefix="")
         report.update(head_report)
         if out_dir:
             write_predictions(out_dir / "head_predictions.jsonl", [
@@ -142,9 +148,7 @@ def main(argv=None) -> int:
     report["skipped_records"] = float(len(errors))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(json_safe(report), indent=2, ensure_ascii=False, sort_keys=True))
-    os.replace(tmp, out)
+    write_json_atomic(out, json_safe(report), indent=2, sort_keys=True)
 
     headline = [k for k in ("head/AP", "head/AP50", "head/AR100", "head/caption_accuracy", "lm_loss",
                             "generate/precision", "generate/recall", "generate/f1", "caption_accuracy",

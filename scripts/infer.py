@@ -2,12 +2,13 @@
 
   python scripts/infer.py --model_path HF_DIR --input_jsonl val.jsonl --output_file preds.jsonl \
       [--num_teachers 1 --teacher_pool teacher_pool.jsonl] [--max_samples N] [--max_new_tokens 1024] \
-      [--language zh|en] [--min_pixels 3136 --max_pixels 451584] [--batch_size 8] [--dtype bfloat16]
+      [--language zh|en] [--min_pixels N --max_pixels N] [--config CONFIG] [--batch_size 8] [--dtype bfloat16]
 
 Each record's student image gets the same prompt as in training: up to --num_teachers
 demonstrations first (the record's own teachers when it has them, else distinct entries of
 --teacher_pool chosen with --seed, never one showing the student's image), then the student's
-image(s) and instruction. Use the pixel limits the model was trained (and the data converted) with.
+image(s) and instruction. Use the pixel limits the model was trained (and the data converted) with:
+language and pixel limits default to --config's data group (the config the model was trained with).
 
 Output, one JSON object per line, in input order (what scripts/visualize.py draws):
   {"id", "images": [paths relative to the output file's folder], "gt": [...], "pred": [...],
@@ -24,6 +25,12 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
+
+from bbu_jax.data.chat import LANGUAGES
+from bbu_jax.training.task import DTYPES
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.py"
 
 
 def main(argv=None) -> int:
@@ -35,14 +42,15 @@ def main(argv=None) -> int:
     p.add_argument("--teacher_pool", default=None, help="JSONL whose students serve as demonstrations")
     p.add_argument("--max_samples", type=int, default=None, help="only the first N records")
     p.add_argument("--max_new_tokens", type=int, default=1024)
-    p.add_argument("--language", choices=["zh", "en"], default="zh")
-    p.add_argument("--min_pixels", type=int, default=3136)
-    p.add_argument("--max_pixels", type=int, default=451584)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="the training config (defaults below)")
+    p.add_argument("--language", choices=LANGUAGES, default=None, help="default: the config's data.language")
+    p.add_argument("--min_pixels", type=int, default=None, help="default: the config's data.min_pixels")
+    p.add_argument("--max_pixels", type=int, default=None, help="default: the config's data.max_pixels")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generation call")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="teacher choice and sampling")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="parameter and compute dtype (bfloat16 on GPU)")
     p.add_argument("--length_bucket", type=int, default=256, help="prompt lengths are padded to multiples")
     p.add_argument("--patch_bucket", type=int, default=1024, help="patch counts are padded to multiples")
@@ -54,11 +62,16 @@ def main(argv=None) -> int:
         print("note: no --teacher_pool; only records with their own teachers get demonstrations",
               file=sys.stderr)
 
-    import jax.numpy as jnp
+    from bbu_jax.workflows.config import build_specs, load_config
+    data = build_specs(load_config(args.config)).data
+    for key in ("language", "min_pixels", "max_pixels"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(data, key))
 
     from bbu_jax.data.encode import SampleEncoder
     from bbu_jax.data.schema import load_records
     from bbu_jax.evaluation.metrics import generate_metrics
+    from bbu_jax.foundation.files import write_text_atomic
     from bbu_jax.inference.answers import generate_answers
     from bbu_jax.models.qwen2_5_vl import from_hf
 
@@ -72,7 +85,7 @@ def main(argv=None) -> int:
                             language=args.language)
     out_dir = os.path.dirname(os.path.abspath(args.output_file))
     os.makedirs(out_dir, exist_ok=True)  # before the long part: a bad path fails now
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    dtype = DTYPES[args.dtype]
     model = from_hf(args.model_path, dtype, compute_dtype=dtype)
     start = time.perf_counter()
     answers, bad = generate_answers(
@@ -90,16 +103,7 @@ def main(argv=None) -> int:
     lines = [json.dumps({"id": a.record.id, "images": [os.path.relpath(x, out_dir) for x in a.record.student.images],
                          "gt": a.gt, "pred": a.pred, "response": a.response, "parse_status": a.status.to_dict()},
                         ensure_ascii=False) for a in answers]
-
-    tmp = f"{args.output_file}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-        os.replace(tmp, args.output_file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(args.output_file, "".join(line + "\n" for line in lines))
 
     m = generate_metrics([a.gt for a in answers], [a.pred for a in answers], [a.status for a in answers])
     print(f"wrote {len(lines)} predictions to {args.output_file} in {elapsed:.1f}s"

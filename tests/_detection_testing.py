@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bbu_jax.losses import LossWeights, MatchCost, loss_normalizers, multitask_loss
-from bbu_jax.models.detection_head import DetectionHead
+from bbu_jax.losses import LossSpec, LossWeights, MatchCost, loss_normalizers, multitask_loss
+from bbu_jax.models.detection_head import DetectionHead, HeadSpec
 
 D, V, W, Q, C = 24, 64, 32, 6, 5  # LLM width, LLM vocab, head width, queries, caption tokens
 VOCAB = np.array([3, 7, 11, 20, 21, 40, 63], np.int32)  # sorted caption vocab; last plays <|im_end|>
@@ -17,11 +17,13 @@ HEAD_FIELDS = ("det_vision_index", "det_vision_mask", "det_vision_pos", "det_tex
 DETR_WEIGHTS = LossWeights(lm=1.0, bbox_l1=5.0, bbox_giou=2.0, objectness=2.0, caption=1.0,
                            match=MatchCost(class_weight=2.0, bbox_weight=5.0, giou_weight=2.0,
                                            focal_alpha=0.25, focal_gamma=2.0))
+DETR_LOSS = LossSpec(weights=DETR_WEIGHTS, aux_loss=True, lm_chunk=32, matcher="scipy")
 
 
 def make_head(seed=0, dtype=jnp.float32):
-    return DetectionHead(llm_hidden=D, width=W, num_queries=Q, num_layers=2, num_heads=4, mlp_dim=64,
-                         caption_layers=1, max_caption_len=C, dtype=dtype, rngs=nnx.Rngs(seed))
+    spec = HeadSpec(width=W, num_queries=Q, num_layers=2, num_heads=4, mlp_dim=64, caption_layers=1,
+                    max_caption_len=C)
+    return DetectionHead(spec, llm_hidden=D, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
 def random_arrays(seed, b=2, l=48):
@@ -59,7 +61,7 @@ def random_batch(seed, *, b=2, l=48, s=2, nv=8, nt=4, m=3, c=C, caption_vocab=VO
     return batch
 
 
-def loss_and_grads(head, hidden, table, batch, normalizers="host", detection=True):
+def loss_and_grads(head, hidden, table, batch, normalizers="host", detection=True, spec=DETR_LOSS):
     """multitask_loss with DETR weights and its gradients w.r.t. (head state, hidden, table).
 
     ``head`` is a DetectionHead or a (graphdef, state) pair from ``nnx.split`` (cheaper to call
@@ -69,14 +71,14 @@ def loss_and_grads(head, hidden, table, batch, normalizers="host", detection=Tru
     graphdef, state = nnx.split(head) if isinstance(head, DetectionHead) else head
     if normalizers == "host":
         normalizers = {k: jnp.float32(v) for k, v in loss_normalizers(batch).items()}
-    return _jitted_loss_and_grads(graphdef, state, hidden, table, batch, normalizers, detection)
+    return _jitted_loss_and_grads(graphdef, state, hidden, table, batch, normalizers, detection, spec)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "detection"))
-def _jitted_loss_and_grads(graphdef, state, hidden, table, batch, normalizers, detection):
+@partial(jax.jit, static_argnames=("graphdef", "detection", "spec"))
+def _jitted_loss_and_grads(graphdef, state, hidden, table, batch, normalizers, detection, spec):
     def loss(state, hidden, table):
-        return multitask_loss(hidden, table, batch, DETR_WEIGHTS, head=nnx.merge(graphdef, state),
+        return multitask_loss(hidden, table, batch, spec, head=nnx.merge(graphdef, state),
                               embed_table=table, caption_vocab=jnp.asarray(VOCAB), detection=detection,
-                              lm_chunk=32, normalizers=normalizers)
+                              normalizers=normalizers)
     (total, metrics), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(state, hidden, table)
     return total, metrics, grads

@@ -8,7 +8,7 @@ from bbu_jax.data import chat, convert, synthetic
 from bbu_jax.data.batch import check_batch
 from bbu_jax.data.collate import Budgets, collate
 from bbu_jax.data.encode import SampleEncoder
-from bbu_jax.data.pipeline import build_inference_inputs, make_eval_batches, make_train_iterator
+from bbu_jax.data.pipeline import DataSpec, build_inference_inputs, make_eval_batches, make_train_iterator
 from bbu_jax.data.schema import load_records
 from bbu_jax.models.qwen2_5_vl.processing import normalize_rows, preprocess_image
 from bbu_jax.models.qwen2_5_vl.processing import prepare_hf_batch
@@ -33,11 +33,25 @@ def encoder(tiny_hf_dir):
     return SampleEncoder(str(tiny_hf_dir), language="en", **PIX)
 
 
-def _train(data, tiny_hf_dir, budgets=BUDGETS, **kw):
-    args = dict(KW, collator="packed")
+def _spec(train_jsonl, teacher_pool_jsonl="", budgets=BUDGETS, **kw) -> DataSpec:
+    args = dict(train_jsonl=str(train_jsonl), val_jsonl="", teacher_pool_jsonl=str(teacher_pool_jsonl),
+                teacher_ratio=KW["teacher_ratio"], max_teachers=KW["max_teachers"], language=KW["language"],
+                collator="packed", skip_bad_samples=False, workers=0, check_budgets_on_start=False,
+                batch_rows=budgets.rows, token_budget=budgets.tokens, patch_budget=budgets.patches,
+                segments_per_row=budgets.segments, max_objects=budgets.objects,
+                caption_tokens=budgets.caption_tokens, vision_memory_tokens=budgets.vision_memory,
+                text_memory_tokens=budgets.text_memory, **PIX)
     args.update(kw)
-    return make_train_iterator(str(data / "train.jsonl"), str(data / "teacher_pool.jsonl"), str(tiny_hf_dir),
-                               budgets, **args)
+    return DataSpec(**args)
+
+
+def _train(data, tiny_hf_dir, budgets=BUDGETS, seed=0, **kw):
+    spec = _spec(data / "train.jsonl", data / "teacher_pool.jsonl", budgets, **kw)
+    return make_train_iterator(spec, _encoder(tiny_hf_dir), seed=seed)
+
+
+def _encoder(tiny_hf_dir):
+    return SampleEncoder(str(tiny_hf_dir), language="en", **PIX)
 
 
 def test_single_sample_matches_hf_host_preparation(data, encoder):
@@ -175,7 +189,8 @@ def test_budgets_errors_and_skip(data, tiny_hf_dir, tmp_path):
     bad.write_text("\n".join([lines[1], json.dumps(rec)]) + "\n")
     with pytest.raises(ValueError, match=rf"{bad}:2: cannot read image"):
         for _ in range(3):
-            next(make_train_iterator(str(bad), None, str(tiny_hf_dir), BUDGETS, collator="standard", **KW))
+            next(make_train_iterator(_spec(bad, collator="standard", segments_per_row=1), _encoder(tiny_hf_dir),
+                                         seed=0))
 
 
 def test_standard_vs_packed_and_eval(data, tiny_hf_dir):
@@ -186,7 +201,7 @@ def test_standard_vs_packed_and_eval(data, tiny_hf_dir):
     assert packed["segment_valid"].sum() > std["segment_valid"].sum()
     n_val = len(load_records(data / "val.jsonl")[0])
     metas = []
-    for batch, m in make_eval_batches(str(data / "val.jsonl"), str(tiny_hf_dir), BUDGETS, language="en", **PIX):
+    for batch, m in make_eval_batches(str(data / "val.jsonl"), _encoder(tiny_hf_dir), BUDGETS):
         check_batch(batch, BUDGETS.dims())
         assert batch["segment_valid"].sum() == sum(len(r) for r in m)
         metas += [s for r in m for s in r]
@@ -209,12 +224,12 @@ def test_inference_inputs(data, encoder):
 
 def test_worker_iterator_state_restore(data, tiny_hf_dir):
     """With grain multiprocessing workers the saved state replays the same batches."""
-    a = _train(data, tiny_hf_dir, num_workers=1)
+    a = _train(data, tiny_hf_dir, workers=1)
     next(a)
     state = a.get_state()
     want = [next(a)["input_ids"] for _ in range(2)]
     a.close()
-    b = _train(data, tiny_hf_dir, num_workers=1)
+    b = _train(data, tiny_hf_dir, workers=1)
     b.set_state(state)
     got = [next(b)["input_ids"] for _ in range(2)]
     b.close()

@@ -10,7 +10,7 @@ from _detection_testing import C, HEAD_FIELDS, Q, VOCAB, W, loss_and_grads, make
 from flax import nnx
 
 from bbu_jax.losses import box_ops
-from bbu_jax.models.detection_head import caption_vocab_index, check_caption_ids, generate_captions
+from bbu_jax.models.detection_head import caption_vocab_index, check_caption_ids
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,8 @@ def test_caption_vocab_index_and_host_check():
 def test_greedy_captions_agree_with_teacher_forcing(setup):
     head, _, _, table = setup
     queries = jnp.asarray(np.random.default_rng(1).normal(size=(4, W)), jnp.float32)
-    ids, lengths = generate_captions(head, queries, table, jnp.asarray(VOCAB), jnp.int32(VOCAB[-1]))
+    ids, lengths = nnx.jit(type(head).greedy_captions)(head, queries, table, jnp.asarray(VOCAB),
+                                                          jnp.int32(VOCAB[-1]))
     assert ids.shape == (4, C) and lengths.shape == (4,)
     assert np.all(np.isin(np.asarray(ids), VOCAB))
     index, _ = caption_vocab_index(ids, jnp.asarray(VOCAB))

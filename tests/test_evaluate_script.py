@@ -11,7 +11,7 @@ from flax import nnx
 
 from bbu_jax.data import convert, synthetic
 from bbu_jax.data.encode import SampleEncoder, build_caption_vocab
-from bbu_jax.models.detection_head import DetectionHead
+from bbu_jax.models.detection_head import DetectionHead, HeadSpec
 from bbu_jax.models.detection_head_files import load_detection_head, save_detection_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,8 +20,8 @@ evaluate_script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(evaluate_script)
 
 PIX = ["--min_pixels", "3136", "--max_pixels", str(56 * 56 * 8)]
-HEAD = dict(llm_hidden=64, width=32, num_queries=8, num_layers=2, num_heads=2, mlp_dim=64,
-            caption_layers=1, max_caption_len=32)
+HEAD = HeadSpec(width=32, num_queries=8, num_layers=2, num_heads=2, mlp_dim=64, caption_layers=1,
+                max_caption_len=32)
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +35,13 @@ def export(tiny_hf_dir, tmp_path_factory):
     shutil.copytree(tiny_hf_dir, run / "hf_export")
     tok = SampleEncoder(str(tiny_hf_dir), min_pixels=3136, max_pixels=56 * 56 * 8, language="en").tokenizer
     vocab = build_caption_vocab([str(root / "data" / "train.jsonl"), str(root / "data" / "val.jsonl")], tok)
-    save_detection_head(DetectionHead(**HEAD, rngs=nnx.Rngs(1)), run / "hf_export", HEAD, vocab)
+    save_detection_head(DetectionHead(HEAD, llm_hidden=64, rngs=nnx.Rngs(1)), run / "hf_export", vocab)
     return root
 
 
 def test_head_files_roundtrip_and_errors(tmp_path):
-    head = DetectionHead(**HEAD, rngs=nnx.Rngs(2))
-    save_detection_head(head, tmp_path, HEAD, np.array([3, 9]))
+    head = DetectionHead(HEAD, llm_hidden=64, rngs=nnx.Rngs(2))
+    save_detection_head(head, tmp_path, np.array([3, 9]))
     loaded, vocab = load_detection_head(tmp_path)
     assert vocab.tolist() == [3, 9]
     for a, b in zip(jax.tree.leaves(nnx.state(head, nnx.Param)), jax.tree.leaves(nnx.state(loaded, nnx.Param))):
@@ -49,6 +49,9 @@ def test_head_files_roundtrip_and_errors(tmp_path):
     config = json.loads((tmp_path / "detection_head_config.json").read_text())
     (tmp_path / "detection_head_config.json").write_text(json.dumps({**config, "width": 16}))
     with pytest.raises(ValueError, match="has shape"):
+        load_detection_head(tmp_path)
+    (tmp_path / "detection_head_config.json").write_text(json.dumps({**config, "depth": 2}))
+    with pytest.raises(ValueError, match=r"detection_head_config.json: .*unknown keys \['depth'\]"):
         load_detection_head(tmp_path)
     with pytest.raises(FileNotFoundError, match="no detection head"):
         load_detection_head(tmp_path / "missing")
@@ -58,7 +61,7 @@ def test_evaluate_both_modes(export, tmp_path, capsys):
     out = tmp_path / "report.json"
     rc = evaluate_script.main(["--checkpoint", str(export / "run"), "--data", str(export / "data" / "val.jsonl"),
                                "--output", str(out), "--mode", "both", "--language", "en", "--batch_size", "2",
-                               "--max_new_tokens", "8", "--top_k", "5", "--lm_chunk", "256",
+                               "--max_new_tokens", "8", "--top_k", "5",
                                "--predictions_dir", str(tmp_path / "preds"), *PIX])
     assert rc == 0
     report = json.loads(out.read_text())  # valid JSON (NaN written as null)

@@ -11,13 +11,14 @@ from bbu_jax.data.encode import SampleEncoder, build_caption_vocab
 from bbu_jax.data.pipeline import make_eval_batches
 from bbu_jax.data.schema import load_records
 from bbu_jax.evaluation.evaluator import evaluate, json_safe
-from bbu_jax.losses import LossWeights, MatchCost
-from bbu_jax.models.detection_head import DetectionHead
+from bbu_jax.losses import LossSpec, LossWeights, MatchCost
+from bbu_jax.models.detection_head import DetectionHead, HeadSpec
 from bbu_jax.models.qwen2_5_vl import from_hf
 
 PIX = dict(min_pixels=3136, max_pixels=56 * 56 * 8)
 WEIGHTS = LossWeights(lm=1.0, bbox_l1=5.0, bbox_giou=2.0, objectness=2.0, caption=1.0,
                       match=MatchCost(2.0, 5.0, 2.0, 0.25, 2.0))
+LOSS = LossSpec(weights=WEIGHTS, aux_loss=True, lm_chunk=256, matcher="scipy")
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def setup(tiny_hf_dir, tmp_path_factory):
                             language="en", progress=False, **PIX)
     tokenizer = SampleEncoder(str(tiny_hf_dir), language="en", **PIX).tokenizer
     vocab = build_caption_vocab([str(out / "train.jsonl"), str(out / "val.jsonl")], tokenizer)
-    head = DetectionHead(llm_hidden=64, width=32, num_queries=12, num_layers=2, num_heads=2, mlp_dim=64,
-                         caption_layers=1, max_caption_len=32, rngs=nnx.Rngs(0))
+    head = DetectionHead(HeadSpec(width=32, num_queries=12, num_layers=2, num_heads=2, mlp_dim=64,
+                                  caption_layers=1, max_caption_len=32), llm_hidden=64, rngs=nnx.Rngs(0))
     return dict(model=from_hf(tiny_hf_dir), head=head, val=str(out / "val.jsonl"), tokenizer=tokenizer,
                 vocab=vocab, hf=str(tiny_hf_dir))
 
@@ -37,10 +38,10 @@ def setup(tiny_hf_dir, tmp_path_factory):
 def _run(setup, rows: int):
     budgets = Budgets(rows=rows, tokens=1024, patches=768, segments=1, objects=16, caption_tokens=32,
                       vision_memory=64, text_memory=48)
-    batches = make_eval_batches(setup["val"], setup["hf"], budgets, language="en", **PIX)
+    batches = make_eval_batches(setup["val"], SampleEncoder(setup["hf"], language="en", **PIX), budgets)
     records, _ = load_records(setup["val"])
     return evaluate(setup["model"], setup["head"], batches, records, setup["tokenizer"],
-                    caption_vocab=setup["vocab"], weights=WEIGHTS, lm_chunk=256, top_k=10)
+                    caption_vocab=setup["vocab"], loss=LOSS, top_k=10)
 
 
 def test_means_exact_whatever_the_batching(setup):

@@ -116,9 +116,10 @@ def test_3b_step_lowers_to_triton(monkeypatch):
     import optax
     from flax import nnx
 
-    from benchmarks.mfu import lm_train_step, packed_batch
     from bbu_jax.models import flash_attention
     from bbu_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
+    from bbu_jax.perf.lm_step import lm_train_step
+    from bbu_jax.perf.synthetic import packed_batch
 
     monkeypatch.setattr(flash_attention, "_interpret_default", lambda: False)
     cfg = Qwen25VLConfig()

@@ -1,10 +1,11 @@
 """Multi-task loss: degenerate inputs stay finite, sums/counts recombine exactly, gradient
 accumulation with global normalizers equals the full batch, sharded jit equals unsharded."""
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _detection_testing import DETR_WEIGHTS, VOCAB, loss_and_grads, make_head, random_arrays, random_batch
+from _detection_testing import DETR_LOSS, DETR_WEIGHTS, VOCAB, loss_and_grads, make_head, random_arrays, random_batch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bbu_jax.losses import loss_normalizers, metric_means
@@ -41,6 +42,25 @@ def test_degenerate_segments_and_boxes_are_finite(head):
     total, metrics, grads = loss_and_grads(head, hidden, table, empty)
     assert np.isfinite(total) and _all_finite(grads)
     assert float(metrics["bbox_l1_loss"][0]) == 0.0 and float(metrics["objectness_loss"][0]) > 0.0
+
+
+def test_aux_loss_off_trains_the_final_layer_only(head):
+    """LossSpec.aux_loss=False: no *_aux terms, the total is the final layer's, and the earlier
+    decoder layers' box/objectness outputs get no gradient of their own."""
+    hidden, table = random_arrays(1)
+    batch = random_batch(1)
+    spec = dataclasses.replace(DETR_LOSS, aux_loss=False)
+    total, metrics, _ = loss_and_grads(head, hidden, table, batch, spec=spec)
+    assert not [k for k in metrics if k.endswith("_aux")]
+    means = metric_means(metrics)
+    w = DETR_WEIGHTS
+    expected = (w.lm * means["lm_loss"] + w.caption * means["caption_loss"]
+                + sum(getattr(w, k) * means[f"{k}_loss"] for k in ("bbox_l1", "bbox_giou", "objectness")))
+    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    with_aux, aux_metrics, _ = loss_and_grads(head, hidden, table, batch)
+    for k in ("bbox_l1_loss", "objectness_loss", "caption_loss"):  # the final layer's terms agree
+        np.testing.assert_allclose(metrics[k][0], aux_metrics[k][0], rtol=1e-6)
+    assert float(with_aux) > float(total)
 
 
 def test_total_recombines_from_sums_and_counts(head):

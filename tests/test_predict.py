@@ -6,7 +6,7 @@ from PIL import Image
 
 from bbu_jax.data.encode import SampleEncoder
 from bbu_jax.inference.predict import predict_detection, to_pixels
-from bbu_jax.models.detection_head import DetectionHead
+from bbu_jax.models.detection_head import DetectionHead, HeadSpec
 from bbu_jax.models.qwen2_5_vl import from_hf
 
 
@@ -19,8 +19,8 @@ def setup(tiny_hf_dir, tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
         paths.append(str(root / f"{i}.png"))
     model = from_hf(tiny_hf_dir)
-    head = DetectionHead(llm_hidden=64, width=32, num_queries=8, num_layers=2, num_heads=2, mlp_dim=64,
-                         caption_layers=1, max_caption_len=6, rngs=nnx.Rngs(0))
+    head = DetectionHead(HeadSpec(width=32, num_queries=8, num_layers=2, num_heads=2, mlp_dim=64,
+                                  caption_layers=1, max_caption_len=6), llm_hidden=64, rngs=nnx.Rngs(0))
     encoder = SampleEncoder(str(tiny_hf_dir), min_pixels=3136, max_pixels=40000, language="en")
     vocab = np.array(sorted({*range(40, 90), encoder.ids["<|im_end|>"]}), np.int32)
     return dict(model=model, head=head, encoder=encoder, caption_vocab=vocab, paths=paths)

@@ -14,9 +14,8 @@ from bbu_jax.training import checkpointing, optimizer as opt, train_state
 @pytest.fixture(scope="module")
 def sharded_state():
     _, params, _, _ = toy.make_task(seed=0)
-    tx, _ = opt.make_optimizer(params, lrs=dict(vision=0.0, merger=1e-3, llm=1e-3, detection=1e-3, adapter=1e-3),
-                               warmup_steps=1, total_steps=10, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9,
-                               b2=0.999, eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=2)
+    tx, _ = opt.make_optimizer(params, toy.optim_spec(dict(vision=0.0, merger=1e-3, llm=1e-3, detection=1e-3,
+                                                          adapter=1e-3), head_freeze_steps=2), total_steps=10)
     mesh = toy.make_mesh(2, 2, 2)
     abstract = train_state.abstract_state(params, tx, 0)
     shardings = train_state.state_shardings(abstract, toy.param_shardings(params, mesh), mesh)

@@ -3,27 +3,40 @@ should between devices, compiled for 8 fake CPU devices: data parallel all-reduc
 once; FSDP gathers each weight for the forward and the (rematerialized) backward and reduces the
 gradient once. Activations split by model width instead of rows would show up as many times more.
 The same step run on 8 devices equals one device."""
-import jax.numpy as jnp
+import dataclasses
+import pathlib
+
 import numpy as np
 import pytest
 
 from bbu_jax.foundation import sharding
+from bbu_jax.losses import LossSpec, LossWeights, MatchCost
+from bbu_jax.models.detection_head import HeadSpec
 from bbu_jax.perf import collectives
 from bbu_jax.training import task
+from bbu_jax.workflows.config import build_specs, load_config
 
-HEAD = task.HeadSpec(width=32, num_queries=8, num_layers=1, num_heads=4, mlp_dim=64, caption_layers=1,
-                     max_caption_len=8)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+HEAD = HeadSpec(width=32, num_queries=8, num_layers=1, num_heads=4, mlp_dim=64, caption_layers=1,
+                max_caption_len=8)
 DIMS = dict(B=8, L=128, P=64, S=2, M=4, C=8, NV=16, NT=16)
 
 
+def _model(hf_dir, compute_dtype: str, attention_impl: str) -> task.ModelSpec:
+    return task.ModelSpec(hf_dir=str(hf_dir), param_dtype="float32", compute_dtype=compute_dtype, remat_policy="full",
+                          scan_layers=True, attention_impl=attention_impl)
+
+
 def _step_collectives(hf_dir, mesh_shape):
+    """The demo run's train step (its optimizer and loss) with the tiny model in bf16 under full remat."""
     mesh = sharding.make_mesh(*mesh_shape)
-    modules = task.build_modules(str(hf_dir), param_dtype=jnp.float32, compute_dtype=jnp.bfloat16, remat="full",
-                                 attention_impl="xla", head=HEAD, seed=0, mesh=mesh)
-    weights = task.loss_weights(lm=1.0, detection=1.0, bbox_l1=5, bbox_giou=2, objectness=1, caption=1,
-                                match_class=2, match_bbox=5, match_giou=2, focal_alpha=0.25, focal_gamma=2)
-    sent, param_bytes = collectives.train_step_traffic(modules, mesh, DIMS, weights=weights,
-                                                       caption_vocab=np.arange(16, dtype=np.int32), lm_chunk=256)
+    demo = build_specs(load_config(ROOT / "configs" / "demo.py"))
+    specs = dataclasses.replace(demo, model=_model(hf_dir, "bfloat16", "xla"), head=HEAD,
+                                loss=dataclasses.replace(demo.loss, lm_chunk=256))
+    modules = task.build_modules(specs.model, specs.head, seed=0, mesh=mesh)
+    sent, param_bytes = collectives.train_step_traffic(specs, modules, mesh, DIMS,
+                                                       caption_vocab=np.arange(16, dtype=np.int32))
     # data parallel reduces the tied table's two gradients (LM head, token lookup) before adding them
     table = modules["model"].embed_table()
     ratios = {k: v / param_bytes for k, v in sent.items()}
@@ -78,22 +91,23 @@ def _sharded_step(hf_dir, mesh_shape, attention_impl):
     gradient norm and updated params."""
     import jax
 
-    from benchmarks.mfu import packed_batch
     from bbu_jax.data.batch import FIELDS, expected_shapes
+    from bbu_jax.perf.synthetic import packed_batch
     from bbu_jax.training import optimizer, train_state
     from bbu_jax.training import step as step_lib
 
     mesh = sharding.make_mesh(*mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
-    modules = task.build_modules(str(hf_dir), param_dtype=jnp.float32, compute_dtype=jnp.float32,
-                                 remat="full", attention_impl=attention_impl, head=None, seed=0, mesh=mesh)
-    weights = task.loss_weights(lm=1.0, detection=0.0, bbox_l1=0, bbox_giou=0, objectness=0, caption=0,
-                                match_class=0, match_bbox=0, match_giou=0, focal_alpha=0.25, focal_gamma=2)
+    modules = task.build_modules(_model(hf_dir, "float32", attention_impl), None, seed=0, mesh=mesh)
+    weights = LossWeights(lm=1.0, bbox_l1=0.0, bbox_giou=0.0, objectness=0.0, caption=0.0,
+                          match=MatchCost(class_weight=0.0, bbox_weight=0.0, giou_weight=0.0, focal_alpha=0.25,
+                                          focal_gamma=2.0))
     graphdefs, params, rest = train_state.split_modules(modules)
-    loss_fn = task.make_loss_fn(graphdefs, rest, weights=weights, caption_vocab=None, lm_chunk=256,
-                                matcher="scipy")
-    tx, _ = optimizer.make_optimizer(params, lrs={g: 1e-3 for g in optimizer.GROUPS}, warmup_steps=0,
-                                     total_steps=10, min_lr_ratio=1.0, weight_decay=0.01, b1=0.9,
-                                     b2=0.999, eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=0)
+    loss_fn = task.make_loss_fn(graphdefs, rest, LossSpec(weights=weights, aux_loss=True, lm_chunk=256,
+                                                          matcher="scipy"), caption_vocab=None)
+    optim = optimizer.OptimSpec(lrs={g: 1e-3 for g in optimizer.GROUPS}, lr_scaling="none", lr_reference_batch=1,
+                                warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
+                                grad_clip_norm=1.0, grad_accum_steps=1, head_freeze_steps=0)
+    tx, _ = optimizer.make_optimizer(params, optim, total_steps=10)
     shardings = train_state.state_shardings(train_state.abstract_state(params, tx, 0),
                                             task.param_shardings(modules, mesh), mesh)
     fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=task.count_fn, tx=tx,

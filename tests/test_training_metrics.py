@@ -1,4 +1,4 @@
-"""Exact (sum, count) averaging, the run folder files and the FLOPs estimate."""
+"""Exact (sum, count) averaging and the run folder files."""
 import json
 
 import numpy as np
@@ -45,10 +45,3 @@ def test_non_main_process_writes_nothing(tmp_path):
     log.write_summary({"a": 1})
     log.close()
     assert not (tmp_path / "w").exists()
-
-
-def test_flops_estimate_terms():
-    kw = dict(llm_params=100, vision_params=10, head_params=5, tokens=7, patches=3, llm_layers=2,
-              llm_width=4, llm_context=2.5, vision_layers=1, vision_width=8, vision_context=3.0)
-    expected = 6 * 105 * 7 + 6 * 10 * 3 + 12 * 2 * 4 * 2.5 * 7 + 12 * 1 * 8 * 3.0 * 3
-    assert ml.estimate_step_flops(**kw) == pytest.approx(expected)

@@ -10,8 +10,8 @@ from bbu_jax.training import optimizer as opt
 from bbu_jax.training import train_state
 
 LRS = dict(vision=0.0, merger=2e-3, llm=1e-3, detection=4e-3, adapter=8e-3)
-HP = dict(warmup_steps=4, total_steps=20, min_lr_ratio=0.1, weight_decay=0.0, b1=0.9, b2=0.999,
-          eps=1e-12, grad_clip_norm=0.0)
+HP = dict(warmup_steps=4, min_lr_ratio=0.1, weight_decay=0.0, eps=1e-12, grad_clip_norm=0.0)
+TOTAL_STEPS = 20
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_no_weight_decay_on_norms_and_biases(task):
 
 def test_frozen_group_does_not_move_and_holds_no_state(task):
     _, params, _, loss_fn = task
-    tx, _ = opt.make_optimizer(params, lrs=LRS, head_freeze_steps=0, **HP)
+    tx, _ = opt.make_optimizer(params, toy.optim_spec(LRS, **HP), total_steps=TOTAL_STEPS)
     state = tx.init(params)
     # No optimizer array mirrors a vision parameter.
     vision_shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(params["model"]["visual"]["patch_embed"])}
@@ -79,12 +79,12 @@ def test_frozen_group_does_not_move_and_holds_no_state(task):
 def test_group_lrs_follow_schedule_and_scaling(task):
     """Adam's first update is lr * sign(grad) elementwise: read each group's lr off the params."""
     _, params, _, loss_fn = task
-    scale = opt.lr_scale("sqrt", opt.effective_batch_size(8, 2, "packed", 2), 8)
+    scale = opt.lr_scale("sqrt", 32, 8)
     assert scale == pytest.approx(2.0)
     assert opt.lr_scale("linear", 32, 8) == 4.0 and opt.lr_scale("none", 32, 8) == 1.0
-    assert opt.effective_batch_size(8, 2, "standard", 1) == 16
     lrs = {g: v * scale for g, v in LRS.items()}
-    tx, schedules = opt.make_optimizer(params, lrs=lrs, head_freeze_steps=2, **HP)
+    tx, schedules = opt.make_optimizer(params, toy.optim_spec(LRS, head_freeze_steps=2, **HP),
+                                       total_steps=TOTAL_STEPS, batch_scale=scale)
     state = tx.init(params)
     labels = jax.tree_util.tree_leaves(opt.group_labels(params))
     step_fn = _stepper(loss_fn, tx)
@@ -117,7 +117,7 @@ def test_warmup_cosine_shape():
 def test_state_shardings_follow_params(task):
     _, params, _, _ = task
     mesh = toy.make_mesh(2, 2, 2)
-    tx, _ = opt.make_optimizer(params, lrs=LRS, head_freeze_steps=0, **HP)
+    tx, _ = opt.make_optimizer(params, toy.optim_spec(LRS, **HP), total_steps=TOTAL_STEPS)
     shard = toy.param_shardings(params, mesh)
     sh = train_state.state_shardings(train_state.abstract_state(params, tx, 0), shard, mesh)
     mu = sh["opt_state"][-1].inner_states["llm"].inner_state[0].mu

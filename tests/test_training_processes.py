@@ -18,7 +18,8 @@ DRIVER = os.path.join(os.path.dirname(__file__), "training_driver.py")
 
 
 def _start(workdir, log_path, *args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(DRIVER), os.path.dirname(os.path.dirname(DRIVER))]))
+    # `python tests/training_driver.py` has tests/ on its path (the script's folder) for training_toy.
+    env = dict(os.environ)
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, DRIVER, "--workdir", workdir, *map(str, args)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)

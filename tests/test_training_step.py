@@ -17,9 +17,7 @@ LRS = dict(vision=1e-3, merger=2e-3, llm=1e-3, detection=4e-3, adapter=8e-3)
 
 def _setup(mesh_shape, head_freeze_steps=0):
     _, params, _, loss_fn = toy.make_task(seed=0)
-    tx, _ = opt.make_optimizer(params, lrs=LRS, warmup_steps=1, total_steps=10, min_lr_ratio=0.1,
-                               weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=1.0,
-                               head_freeze_steps=head_freeze_steps)
+    tx, _ = opt.make_optimizer(params, toy.optim_spec(LRS, head_freeze_steps=head_freeze_steps), total_steps=10)
     mesh = toy.make_mesh(*mesh_shape)
     shardings = train_state.state_shardings(train_state.abstract_state(params, tx, 0),
                                             toy.param_shardings(params, mesh), mesh)
@@ -65,12 +63,13 @@ def test_sharded_step_matches_one_device(single):
 def _train_loop(make, mesh, *, train_step, batches, data_iterator, ckpt, logger, total_steps, checkpoint_every,
                 eval_every=0, eval_fn=None):
     """loop.train_loop on the toy task: one micro-batch, a log line every step, no FLOP count."""
+    spec = loop.LoopSpec(total_steps=total_steps, accum=1, log_every=1, eval_every=eval_every,
+                         checkpoint_every=checkpoint_every, max_consecutive_nonfinite=2, peak_flops=1.0)
     return loop.train_loop(
-        state=make(), train_step=train_step, batches=batches, accum=1,
+        spec, state=make(), train_step=train_step, batches=batches,
         batch_sharding=step_lib.accumulated_batch_sharding(mesh), data_iterator=data_iterator, checkpointer=ckpt,
-        logger=logger, start_step=0, total_steps=total_steps, log_every=1, checkpoint_every=checkpoint_every,
-        eval_every=eval_every, eval_fn=eval_fn, max_consecutive_nonfinite=2, lr_fns={}, step_flops=None,
-        peak_flops=1.0, token_count=lambda h: 1, meta={})
+        logger=logger, start_step=0, eval_fn=eval_fn, lr_fns={}, step_flops=None, token_count=lambda h: 1,
+        meta={})
 
 def test_accumulation_equals_one_big_batch(single):
     """2 micro-batches of 4 rows == 1 batch of 8 rows: token-weighted, not mean of means."""

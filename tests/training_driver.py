@@ -7,7 +7,6 @@ separate process: for the SIGKILL-resume and multi-process tests.
 import argparse
 import os
 import signal
-import sys
 
 
 def main():
@@ -25,7 +24,6 @@ def main():
     os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={a.local_devices} "
                                "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
     os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
     import grain
     import jax
@@ -41,9 +39,8 @@ def main():
 
     _, params, _, loss_fn = toy.make_task(seed=0)
     tx, schedules = opt.make_optimizer(
-        params, lrs=dict(vision=1e-3, merger=2e-3, llm=1e-3, detection=4e-3, adapter=8e-3),
-        warmup_steps=2, total_steps=a.steps, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.999,
-        eps=1e-8, grad_clip_norm=1.0, head_freeze_steps=1)
+        params, toy.optim_spec(dict(vision=1e-3, merger=2e-3, llm=1e-3, detection=4e-3, adapter=8e-3),
+                               warmup_steps=2, head_freeze_steps=1), total_steps=a.steps)
     mesh = sharding.make_mesh(2, 2, 2)
     abstract = train_state.abstract_state(params, tx, 0)
     shardings = train_state.state_shardings(abstract, toy.param_shardings(params, mesh), mesh)
@@ -70,12 +67,12 @@ def main():
             os.kill(os.getpid(), signal.SIGKILL)
 
     logger = metrics_logging.RunLogger(a.workdir, is_main=pid == 0, total_steps=a.steps, initial_step=start)
+    spec = loop.LoopSpec(total_steps=a.steps, accum=1, log_every=1, eval_every=0,
+                         checkpoint_every=a.checkpoint_every, max_consecutive_nonfinite=3, peak_flops=1.0)
     result = loop.train_loop(
-        state=state, train_step=fn, batches=data, accum=1,
+        spec, state=state, train_step=fn, batches=data,
         batch_sharding=step_lib.accumulated_batch_sharding(mesh), data_iterator=data, checkpointer=ckpt,
-        logger=logger, start_step=start, total_steps=a.steps, log_every=1,
-        checkpoint_every=a.checkpoint_every, eval_every=0, eval_fn=None, max_consecutive_nonfinite=3,
-        lr_fns=schedules, step_flops=None, peak_flops=1.0,
+        logger=logger, start_step=start, eval_fn=None, lr_fns=schedules, step_flops=None,
         token_count=lambda h: int(h["target_kind"].size), meta={}, on_step=on_step)
     logger.close()
     ckpt.close()

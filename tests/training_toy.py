@@ -10,8 +10,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bbu_jax.training import train_state
+from bbu_jax.training.optimizer import OptimSpec
 
 VOCAB, DIM, FEAT = 32, 16, 8
+
+
+def optim_spec(lrs, *, warmup_steps=1, min_lr_ratio=0.1, weight_decay=0.01, eps=1e-8, grad_clip_norm=1.0,
+               head_freeze_steps=0) -> OptimSpec:
+    """AdamW (0.9, 0.999) per group with these peak lrs and no batch scaling."""
+    return OptimSpec(lrs=dict(lrs), lr_scaling="none", lr_reference_batch=1, warmup_steps=warmup_steps,
+                     min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, b1=0.9, b2=0.999, eps=eps,
+                     grad_clip_norm=grad_clip_norm, grad_accum_steps=1, head_freeze_steps=head_freeze_steps)
 
 
 class _Merger(nnx.Module):

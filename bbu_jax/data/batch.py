@@ -16,7 +16,7 @@ merged vision token (index into the row's P/4 merged tokens, in that window orde
 
 Patches travel as uint8 pixels, one byte per value: the vision tower maps them through the HF
 processor's normalization table and repeats the frame over the temporal axis on the device, which
-gives the processor's float rows exactly. Float rows (B, P, 1176), as ``host.prepare_hf_batch``
+gives the processor's float rows exactly. Float rows (B, P, 1176), as ``processing.prepare_hf_batch``
 takes them from the HF processor, are accepted by the model too; the loader never makes them (8x
 the bytes to fill, copy between processes and send to the devices).
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PATCH_PIXELS = 588  # 3 channels * 14 * 14 uint8 pixels of one frame (vision_process.image_pixels)
+PATCH_PIXELS = 588  # 3 channels * 14 * 14 uint8 pixels of one frame (models.qwen2_5_vl.processing.image_pixels)
 
 # name -> (dims, dtype). Dims name the budgets above; literals are fixed sizes.
 FIELDS: dict[str, tuple[tuple[str | int, ...], type]] = {

@@ -25,6 +25,7 @@ INSTRUCTIONS = {
            "bbox_2d [x1, y1, x2, y2] in pixels and desc."),
     "zh": "检测图中所有BBU设备部件，以JSON列表回答，每个对象包含bbox_2d和desc。",
 }
+LANGUAGES = tuple(sorted(INSTRUCTIONS))  # the answer languages (config, scripts and conversion check against it)
 IMAGE_TEXT = "<|vision_start|><|image_pad|><|vision_end|>"
 KIND_NONE, KIND_TEACHER, KIND_STUDENT = 0, 1, 2
 

@@ -19,8 +19,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from bbu_jax.data.chat import LANGUAGES
 from bbu_jax.data.desc import DescMap, normalize_desc
 from bbu_jax.data.readers import RawRecord, read_raw
+from bbu_jax.foundation.files import atomic_file, atomic_path, write_json_atomic
 from bbu_jax.models.qwen2_5_vl.processing import resize_image
 
 BOUNDS_TOLERANCE = 1.0  # raw boxes may overshoot the photo by this many pixels (then clamped)
@@ -71,9 +73,8 @@ def convert_one(raw: RawRecord, opts: ConvertOptions) -> dict[str, Any]:
     ext = ".png" if raw.image_path.lower().endswith(".png") else ".jpg"
     rel = f"images/{stem}{ext}"
     path = os.path.join(opts.output_dir, rel)
-    tmp = path + ".tmp"
-    resized.save(tmp, format="PNG" if ext == ".png" else "JPEG", quality=95)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        resized.save(tmp, format="PNG" if ext == ".png" else "JPEG", quality=95)
     return {"record": {"id": stem, "images": [rel], "objects": objects, "orig_size": [h, w]}}
 
 
@@ -138,11 +139,9 @@ def summarize(splits: dict[str, list[dict]], skipped: list[str], params: dict, u
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _convert_star(args):
@@ -159,8 +158,8 @@ def convert_dataset(input_dir: str, fmt: str, output_dir: str, *, min_pixels: in
     """
     if not 0 <= val_ratio < 1:
         raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
-    if language not in (None, "zh", "en"):
-        raise ValueError(f"language must be zh or en, got {language!r}")
+    if language is not None and language not in LANGUAGES:
+        raise ValueError(f"language must be one of {LANGUAGES}, got {language!r}")
     raws = read_raw(input_dir, fmt)
     stems = collections.Counter(os.path.splitext(os.path.basename(r.image_path))[0] for r in raws if not r.error)
     dup = sorted(s for s, n in stems.items() if n > 1)
@@ -200,8 +199,5 @@ def convert_dataset(input_dir: str, fmt: str, output_dir: str, *, min_pixels: in
     summary = summarize(splits, errors, params, uncovered)
     if language and desc_map:  # descs the table could not put into `language` (kept as annotated)
         summary["unmapped_descs"] = sorted(d for d in summary["per_desc"] if desc_map.to(d, language) is None)
-    tmp = os.path.join(output_dir, "summary.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(summary, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, os.path.join(output_dir, "summary.json"))
+    write_json_atomic(os.path.join(output_dir, "summary.json"), summary, indent=1)
     return summary

@@ -21,6 +21,7 @@ from PIL import Image
 from bbu_jax.data import chat
 from bbu_jax.data.convert import scale_box
 from bbu_jax.data.schema import Example, Record, RecordError
+from bbu_jax.foundation.files import write_json_atomic
 from bbu_jax.models.qwen2_5_vl.processing import image_pixels
 from bbu_jax.models.qwen2_5_vl.processing import rope_index, vision_layout
 
@@ -223,10 +224,7 @@ def build_caption_vocab(jsonl_paths: Sequence[str], tokenizer) -> np.ndarray:
 
 
 def save_caption_vocab(path: str, vocab: np.ndarray) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"caption_vocab": [int(i) for i in vocab]}, f)
-    os.replace(tmp, path)
+    write_json_atomic(path, {"caption_vocab": [int(i) for i in vocab]})
 
 
 def load_caption_vocab(path: str) -> np.ndarray:

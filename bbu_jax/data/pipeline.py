@@ -24,6 +24,7 @@ empty rows (segment_valid False).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -152,39 +153,71 @@ def _load(path: str | None, skip_bad_samples: bool) -> list[Record]:
     return records
 
 
-def make_train_iterator(jsonl: str, teacher_pool: str | None, tokenizer_dir: str, budgets: Budgets, *,
-                        collator: str, teacher_ratio: float, max_teachers: int, min_pixels: int,
-                        max_pixels: int, language: str, seed: int, num_workers: int = 0,
-                        skip_bad_samples: bool = False, lookahead: int = 8, shard_index: int = 0,
-                        shard_count: int = 1) -> grain.DatasetIterator:
-    """Endless training batches for this host's shard (records shard_index::shard_count)."""
-    if collator not in COLLATORS:
-        raise ValueError(f"collator must be one of {COLLATORS}, got {collator!r}")
-    records = _load(jsonl, skip_bad_samples)[shard_index::shard_count]
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """The data group of the config: files, teacher sampling, image limits and batch budgets."""
+    train_jsonl: str
+    val_jsonl: str  # "" = no validation
+    teacher_pool_jsonl: str  # "" = no teacher demonstrations
+    teacher_ratio: float
+    max_teachers: int
+    language: str
+    collator: str  # one of COLLATORS
+    min_pixels: int
+    max_pixels: int
+    skip_bad_samples: bool
+    workers: int
+    check_budgets_on_start: bool
+    batch_rows: int  # global rows per micro-step
+    token_budget: int
+    patch_budget: int
+    segments_per_row: int
+    max_objects: int
+    caption_tokens: int
+    vision_memory_tokens: int
+    text_memory_tokens: int
+
+    def budgets(self, *, rows: int, segments: int) -> Budgets:
+        return Budgets(rows=rows, tokens=self.token_budget, patches=self.patch_budget, segments=segments,
+                       objects=self.max_objects, caption_tokens=self.caption_tokens,
+                       vision_memory=self.vision_memory_tokens, text_memory=self.text_memory_tokens)
+
+    def samples_per_row(self) -> int:
+        """At most this many samples share a row (the packed collator's segments)."""
+        return self.segments_per_row if self.collator == "packed" else 1
+
+
+def make_train_iterator(spec: DataSpec, encoder: SampleEncoder, *, seed: int, lookahead: int = 8,
+                        shard_index: int = 0, shard_count: int = 1) -> grain.DatasetIterator:
+    """Endless training batches for this host's shard (records shard_index::shard_count; its
+    spec.batch_rows // shard_count rows per batch)."""
+    if spec.collator not in COLLATORS:
+        raise ValueError(f"collator must be one of {COLLATORS}, got {spec.collator!r}")
+    records = _load(spec.train_jsonl, spec.skip_bad_samples)[shard_index::shard_count]
     if not records:
-        raise ValueError(f"{jsonl}: no records for shard {shard_index}/{shard_count}")
-    pool = [r.student for r in _load(teacher_pool, skip_bad_samples)]
-    encoder = SampleEncoder(tokenizer_dir, min_pixels=min_pixels, max_pixels=max_pixels, language=language)
-    stream = _stream(records, pool, encoder, teacher_ratio=teacher_ratio, max_teachers=max_teachers,
+        raise ValueError(f"{spec.train_jsonl}: no records for shard {shard_index}/{shard_count}")
+    pool = [r.student for r in _load(spec.teacher_pool_jsonl or None, spec.skip_bad_samples)]
+    stream = _stream(records, pool, encoder, teacher_ratio=spec.teacher_ratio, max_teachers=spec.max_teachers,
                      seed=seed, shuffle=True, repeat=True)
-    ds = PackedBatchDataset(stream, budgets, segments_per_row=budgets.segments if collator == "packed" else 1,
-                            lookahead=lookahead if collator == "packed" else 1,
-                            skip_bad_samples=skip_bad_samples, with_meta=False, epoch_size=len(records))
-    if num_workers > 0:
+    budgets = spec.budgets(rows=spec.batch_rows // shard_count, segments=spec.segments_per_row)
+    packed = spec.collator == "packed"
+    ds = PackedBatchDataset(stream, budgets, segments_per_row=spec.samples_per_row(),
+                            lookahead=lookahead if packed else 1,
+                            skip_bad_samples=spec.skip_bad_samples, with_meta=False, epoch_size=len(records))
+    if spec.workers > 0:
         if not flags.FLAGS.is_parsed():  # grain workers read absl flags; outside absl.app nobody parsed them
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=spec.workers))
     return iter(ds)
 
 
-def make_eval_batches(jsonl: str, tokenizer_dir: str, budgets: Budgets, *, min_pixels: int,
-                      max_pixels: int, language: str, teacher_pool: str | None = None,
-                      teacher_ratio: float = 0.0, max_teachers: int = 0, seed: int = 0,
-                      skip_bad_samples: bool = False) -> Iterator[tuple[dict[str, np.ndarray], list[list[dict]]]]:
+def make_eval_batches(jsonl: str, encoder: SampleEncoder, budgets: Budgets, *,
+                      teacher_pool: str | None = None, teacher_ratio: float = 0.0, max_teachers: int = 0,
+                      seed: int = 0, skip_bad_samples: bool = False
+                      ) -> Iterator[tuple[dict[str, np.ndarray], list[list[dict]]]]:
     """One deterministic pass, file order, one sample per row: (batch, metas) pairs."""
     records = _load(jsonl, skip_bad_samples)
     pool = [r.student for r in _load(teacher_pool, skip_bad_samples)]
-    encoder = SampleEncoder(tokenizer_dir, min_pixels=min_pixels, max_pixels=max_pixels, language=language)
     stream = _stream(records, pool, encoder, teacher_ratio=teacher_ratio, max_teachers=max_teachers,
                      seed=seed, shuffle=False, repeat=False)
     return iter(PackedBatchDataset(stream, budgets, segments_per_row=1, lookahead=1,

@@ -11,11 +11,12 @@ Labels are written in zh; `DESC_TYPES` (and desc_map.json next to the data) give
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from bbu_jax.foundation.files import atomic_path, write_json_atomic
 
 # zh desc -> en desc; type/part/status.
 DESC_TYPES: dict[str, str] = {
@@ -169,25 +170,13 @@ def write_labelme_dataset(output_dir: str, num_images: int, seed: int, scale: in
             img = img.resize((w, h), Image.Resampling.BICUBIC)
             objects = [(tuple(v * scale for v in b), desc) for b, desc in objects]
         stem = f"bbu_{seed}_{i:05d}"
-        _atomic_save(img, os.path.join(output_dir, stem + ".jpg"))
+        with atomic_path(os.path.join(output_dir, stem + ".jpg")) as tmp:
+            img.save(tmp, format="JPEG", quality=95)
         shapes = [{"label": desc, "points": [[b[0], b[1]], [b[2], b[3]]], "group_id": None,
                    "shape_type": "rectangle", "flags": {}} for b, desc in objects]
         ann = {"version": "5.0.1", "flags": {}, "shapes": shapes, "imagePath": stem + ".jpg",
                "imageData": None, "imageHeight": h, "imageWidth": w}
-        _atomic_write(os.path.join(output_dir, stem + ".json"), json.dumps(ann, ensure_ascii=False, indent=1))
+        write_json_atomic(os.path.join(output_dir, stem + ".json"), ann, indent=1)
         stems.append(stem)
-    _atomic_write(os.path.join(output_dir, "desc_map.json"), json.dumps(DESC_TYPES, ensure_ascii=False, indent=1))
+    write_json_atomic(os.path.join(output_dir, "desc_map.json"), DESC_TYPES, indent=1)
     return stems
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(img: Image.Image, path: str, **kw) -> None:
-    tmp = path + ".tmp"
-    img.save(tmp, format="JPEG" if path.lower().endswith((".jpg", ".jpeg")) else None, quality=95, **kw)
-    os.replace(tmp, path)

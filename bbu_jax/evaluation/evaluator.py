@@ -20,24 +20,25 @@ from bbu_jax.data.batch import HEAD_INPUTS, MODEL_INPUTS
 from bbu_jax.data.schema import Record
 from bbu_jax.evaluation.metrics import head_metrics
 from bbu_jax.inference.predict import decode_detections, detect_from_outputs
-from bbu_jax.losses import LossWeights, multitask_loss
+from bbu_jax.losses import LossSpec, multitask_loss
 from bbu_jax.models.detection_head import DetectionHead
 from bbu_jax.models.qwen2_5_vl import Qwen25VL
 from bbu_jax.foundation import sharding
 
 
-@nnx.jit(static_argnames=("weights", "lm_chunk", "matcher", "top_k"))
+@nnx.jit(static_argnames=("loss", "top_k"))
 def eval_step(model: Qwen25VL, head: DetectionHead | None, batch: dict, caption_vocab, end_token_id, *,
-              weights: LossWeights | None, lm_chunk: int, matcher: str, top_k: int):
-    """(metrics {name: (sum, count)} (empty without weights), detections or None) for one batch."""
+              loss: LossSpec | None, top_k: int):
+    """(metrics {name: (sum, count)} (empty without a loss spec), detections or None) for one batch."""
     hidden = model(**{k: batch[k] for k in MODEL_INPUTS})
     outputs = None if head is None else head(hidden, *(batch[k] for k in HEAD_INPUTS))
     metrics = {}
-    if weights is not None:
-        _, metrics = multitask_loss(hidden, model.lm_head_matrix(), batch, weights, head=head,
+    if loss is not None:
+        total, metrics = multitask_loss(hidden, model.lm_head_matrix(), batch, loss, head=head,
                                     embed_table=model.embed_table(), caption_vocab=caption_vocab,
-                                    detection=head is not None, lm_chunk=lm_chunk, matcher=matcher,
-                                    head_outputs=outputs, compute_dtype=model.compute_dtype)
+                                    detection=head is not None, head_outputs=outputs,
+                                    compute_dtype=model.compute_dtype)
+        metrics["loss"] = (total, jnp.ones((), jnp.float32))  # the weighted total, averaged over batches
     if head is None:
         return metrics, None
     return metrics, detect_from_outputs(model, head, outputs, caption_vocab, end_token_id, top_k)
@@ -45,17 +46,17 @@ def eval_step(model: Qwen25VL, head: DetectionHead | None, batch: dict, caption_
 
 def evaluate(model: Qwen25VL, head: DetectionHead | None, batches: Iterable[tuple[dict, list[list[dict]]]],
              records: Sequence[Record], tokenizer, *, caption_vocab: np.ndarray | None,
-             weights: LossWeights | None, lm_chunk: int = 1024, matcher: str = "scipy", top_k: int = 100,
+             loss: LossSpec | None, top_k: int = 100,
              prefix: str = "val/") -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Val losses (``{prefix}lm_loss`` ...; skipped when ``weights`` is None, e.g. when the
-    training loop computes them already) and, with a head, COCO metrics (``{prefix}mAP50`` ...
+    """Val losses (``{prefix}lm_loss`` ...; skipped when ``loss`` is None) and, with a head,
+    COCO metrics (``{prefix}mAP50`` ...
     alongside the ``head/*`` keys of ``metrics.head_metrics``) over every batch; plus one
     prediction record per sample ({"source", "id", "image", "gt", "pred"}) for reports and pictures.
     """
     by_source = {r.source: r for r in records}
     end_id = jnp.int32(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     vocab = None if caption_vocab is None else jnp.asarray(caption_vocab, jnp.int32)
-    k = 0 if head is None else min(top_k, head.num_queries)
+    k = 0 if head is None else min(top_k, head.spec.num_queries)
     sums: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, float] = collections.defaultdict(float)
     predictions: list[dict[str, Any]] = []
@@ -63,8 +64,7 @@ def evaluate(model: Qwen25VL, head: DetectionHead | None, batches: Iterable[tupl
     for batch, metas in batches:
         # under the params' mesh the step splits activations over rows, as the train step does
         with sharding.mesh_context(mesh):
-            metrics, dets = eval_step(model, head, batch, vocab, end_id, weights=weights, lm_chunk=lm_chunk,
-                                      matcher=matcher, top_k=k)
+            metrics, dets = eval_step(model, head, batch, vocab, end_id, loss=loss, top_k=k)
         for name, (s, c) in metrics.items():
             sums[name] += float(s)
             counts[name] += float(c)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 from faster_coco_eval.core import mask as coco_mask
-from jaxtyping import Float
+from jaxtyping import Float, Real
 
 from bbu_jax.data.desc import normalize_desc
 from bbu_jax.inference.parser import EMPTY, NO_JSON, TRUNCATED, ParseStatus
@@ -34,9 +34,10 @@ def desc_type(desc: str) -> str:
     return normalize_desc(desc).split("/")[0]
 
 
-def box_iou(pred_xyxy: Float[np.ndarray, "n 4"],
-            gt_xyxy: Float[np.ndarray, "m 4"]) -> Float[np.ndarray, "n m"]:
-    """Pairwise IoU with COCO's own box IoU (no eps: an IoU of exactly 0.5 stays 0.5)."""
+def box_iou(pred_xyxy: Real[np.ndarray, "n 4"] | Sequence[Sequence[float]],
+            gt_xyxy: Real[np.ndarray, "m 4"] | Sequence[Sequence[float]]) -> Float[np.ndarray, "n m"]:
+    """Pairwise IoU with COCO's own box IoU (no eps: an IoU of exactly 0.5 stays 0.5). Boxes come as
+    arrays or as the objects' ``bbox_2d`` lists."""
     pred_xyxy = np.asarray(pred_xyxy, np.float64).reshape(-1, 4)
     gt_xyxy = np.asarray(gt_xyxy, np.float64).reshape(-1, 4)
     if len(pred_xyxy) == 0 or len(gt_xyxy) == 0:

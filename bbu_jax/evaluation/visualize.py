@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from bbu_jax.data.desc import normalize_desc
 from bbu_jax.data.schema import RecordError, load_jsonl, parse_record
 from bbu_jax.evaluation.metrics import box_iou, greedy_match
+from bbu_jax.foundation.files import atomic_path
 
 GREEN, ORANGE, RED = (40, 180, 60), (245, 150, 20), (220, 40, 40)
 BLUE = (30, 120, 230)  # nothing to compare with (GT-only or prediction-only records)
@@ -98,8 +99,9 @@ class Labeler:
 
 
 @functools.lru_cache(maxsize=16)
-def _load_font(path: str, size: int) -> ImageFont.FreeTypeFont:
-    """Loaded once per (path, size): CJK fonts are several MB."""
+def _load_font(path: str | None, size: int) -> ImageFont.FreeTypeFont:
+    """Loaded once per (path, size): CJK fonts are several MB. No path (None or "") is PIL's
+    default font."""
     if not path:
         return ImageFont.load_default(size)
     # Noto's .ttc holds JP, KR, SC, TC, HK faces: take Simplified Chinese.
@@ -238,16 +240,8 @@ def write_visualizations(records: Sequence[VisualRecord], output_dir: str | os.P
 
 def save_png(picture: Image.Image, path: str | os.PathLike) -> None:
     """Write a PNG atomically (a reader never sees half a file)."""
-    path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            picture.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
 
 
 def _record(raw: Any, root: str, source: str) -> VisualRecord:

@@ -1,11 +1,11 @@
 """glibc malloc settings for training on the CPU. Import and call before jax: no jax import here.
 
-XLA:CPU allocates each execution's temporaries afresh (1.2 GiB for the train_step_vs_hf model);
-glibc serves blocks that large with mmap and unmaps them on free, so every step page-faults all of
-them in again (~250 k minor faults per step there). With one arena, no mmap and no trimming, freed
-memory stays in the heap and the next step reuses it: faults drop ~4x and the step gets ~8%
-faster (benchmarks/RESULTS.md). It must run before XLA starts its threads (each thread would get
-its own arena); on accelerator hosts it is skipped, their temporaries live on the device.
+XLA:CPU allocates each execution's temporaries afresh; glibc serves blocks that large with mmap
+and unmaps them on free, so every step page-faults all of them in again. With one arena, no mmap
+and no trimming, freed memory stays in the heap and the next step reuses it (the page faults and
+step times with and without are in benchmarks/RESULTS.md). It must run before XLA starts its
+threads (each thread would get its own arena); on accelerator hosts it is skipped, their
+temporaries live on the device.
 """
 from __future__ import annotations
 

@@ -14,13 +14,14 @@ their products through ``gathered_weight``: cast on their shard, gathered once p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -38,6 +39,19 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """The device mesh's shape (``make_mesh(data, fsdp, tensor)``) and, for a run over several
+    processes, what ``jax.distributed.initialize`` needs before any device is touched."""
+    data: int
+    fsdp: int
+    tensor: int
+    distributed: bool
+    coordinator_address: str
+    num_processes: int
+    process_id: int
+
+
 def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Mesh of shape (data, fsdp, tensor) over ``devices`` (default: all devices)."""
     devices = list(jax.devices() if devices is None else devices)
@@ -47,7 +61,7 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] |
     return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh | AbstractMesh,
                     rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
     """PartitionSpec for an array of ``shape`` whose dimensions have these logical names."""
     table = dict(rules)
@@ -136,7 +150,3 @@ def param_shardings(model_or_state, mesh: Mesh):
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batch arrays: leading (row) dimension split over data and fsdp, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

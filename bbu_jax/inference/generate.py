@@ -136,8 +136,9 @@ def generate_tokens(model: Qwen25VL, prompt: dict[str, np.ndarray], *, max_new_t
     return np.asarray(out)
 
 
-def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
-    """The tokens before the first stop token (all of them when none was emitted)."""
+def cut_at_stop(tokens: Sequence[int] | Int[np.ndarray, " n"], stop_ids: Sequence[int]) -> list[int]:
+    """The tokens before the first stop token (all of them when none was emitted); ``tokens`` is
+    e.g. one row of ``generate_tokens``."""
     tokens = [int(t) for t in tokens]
     for i, t in enumerate(tokens):
         if t in stop_ids:

@@ -92,7 +92,7 @@ def predict_detection(model: Qwen25VL, head: DetectionHead, images: Sequence[str
     """
     vocab = jnp.asarray(caption_vocab, jnp.int32)
     end_id = jnp.int32(encoder.ids["<|im_end|>"])
-    k = min(top_k, head.num_queries)
+    k = min(top_k, head.spec.num_queries)
     results: list[Detections] = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start:start + batch_size])

@@ -35,8 +35,9 @@ def _prepare_cost(cost: Float[Array, "b q m"], gt_valid: Bool[Array, "b m"]) -> 
     return jnp.where(valid, cost, pad)
 
 
-def _scipy_match_host(cost: np.ndarray, gt_valid: np.ndarray) -> np.ndarray:
-    """Host side: any leading dims (vmap adds them), trailing (Q, M) problems."""
+def _scipy_match_host(cost: Array | np.ndarray, gt_valid: Array | np.ndarray) -> np.ndarray:
+    """Host side: any leading dims (vmap adds them), trailing (Q, M) problems. pure_callback hands
+    over host-resident jax Arrays, read here as numpy."""
     lead, (q, m) = cost.shape[:-2], cost.shape[-2:]
     cost = np.asarray(cost).reshape(-1, q, m)
     valid = np.broadcast_to(np.asarray(gt_valid), lead + (m,)).reshape(-1, m)

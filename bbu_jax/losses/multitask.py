@@ -11,8 +11,9 @@ batch (``loss_normalizers`` on the host batches, summed) — so every micro-step
 scaled by the same global count and the accumulated gradient equals the full-batch one.
 
 Detection components: ``bbox_l1_loss``, ``bbox_giou_loss``, ``objectness_loss`` are the final
-decoder layer; ``*_aux`` the sum over the other layers (DETR auxiliary losses, same weight). The
-total uses both; ``caption_loss`` is on the final layer's matches only.
+decoder layer; with ``LossSpec.aux_loss``, ``*_aux`` is the sum over the other layers (DETR
+auxiliary losses, same weight, each layer matched on its own) and the total uses both; without it
+only the final layer is matched and trained on. ``caption_loss`` is on the final layer's matches.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import dataclasses
 from collections.abc import Mapping
 
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from bbu_jax.losses.detection_loss import MatchCost, caption_loss_sums, set_loss_sums
 from bbu_jax.losses.lm_loss import lm_loss
@@ -42,7 +43,16 @@ class LossWeights:
     match: MatchCost
 
 
-def loss_normalizers(batch: Mapping[str, Array]) -> dict[str, Array]:
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """The loss group of the config: weights, auxiliary decoder-layer losses, LM chunking, matcher."""
+    weights: LossWeights
+    aux_loss: bool
+    lm_chunk: int  # tokens per chunk of the LM loss
+    matcher: str  # one of matcher.MATCHERS
+
+
+def loss_normalizers(batch: Mapping[str, ArrayLike]) -> dict[str, Array]:
     """Counts that normalize the total: supervised tokens, valid GT boxes, supervised caption
     tokens of valid GT boxes (float32 scalars; jittable, or on host batches). Sum them over
     micro-batches for gradient accumulation. They equal the counts in ``multitask_loss``'s
@@ -60,10 +70,10 @@ def metric_means(metrics: Mapping[str, tuple[Array, Array]]) -> dict[str, Array]
 
 
 def multitask_loss(hidden: Float[Array, "b l d"], lm_head: Float[Array, "v d"],
-                   batch: Mapping[str, Array], weights: LossWeights, *,
+                   batch: Mapping[str, Array], spec: LossSpec, *,
                    head: DetectionHead | None = None, embed_table: Float[Array, "v d"] | None = None,
-                   caption_vocab: Array | None = None, detection: bool, lm_chunk: int,
-                   matcher: str = "scipy", normalizers: Mapping[str, Array] | None = None,
+                   caption_vocab: Array | None = None, detection: bool,
+                   normalizers: Mapping[str, Array] | None = None,
                    head_outputs: Mapping[str, Array] | None = None, compute_dtype=jnp.float32
                    ) -> tuple[Array, dict[str, tuple[Array, Array]]]:
     """Weighted total loss and {name: (sum, count)} metrics. Jittable; the total is differentiable
@@ -80,7 +90,8 @@ def multitask_loss(hidden: Float[Array, "b l d"], lm_head: Float[Array, "v d"],
     def mean(total, key):
         return total / jnp.maximum(norm[key], 1.0)
 
-    total, lm_metrics = lm_loss(hidden, lm_head, batch["targets"], batch["target_kind"], chunk=lm_chunk,
+    weights = spec.weights
+    total, lm_metrics = lm_loss(hidden, lm_head, batch["targets"], batch["target_kind"], chunk=spec.lm_chunk,
                                 scale=weights.lm / jnp.maximum(norm["tokens"], 1.0), compute_dtype=compute_dtype)
     metrics = dict(lm_metrics)
     if not detection:
@@ -89,8 +100,9 @@ def multitask_loss(hidden: Float[Array, "b l d"], lm_head: Float[Array, "v d"],
         raise ValueError("detection=True needs head, embed_table and caption_vocab")
 
     out = head(hidden, *(batch[k] for k in HEAD_INPUTS)) if head_outputs is None else head_outputs
-    sums, match = set_loss_sums(out["boxes"], out["logits"], batch["gt_boxes"], batch["gt_valid"],
-                                batch["segment_valid"], weights.match, matcher=matcher)
+    layers = slice(None) if spec.aux_loss else slice(-1, None)
+    sums, match = set_loss_sums(out["boxes"][layers], out["logits"][layers], batch["gt_boxes"], batch["gt_valid"],
+                                batch["segment_valid"], weights.match, matcher=spec.matcher)
     caption = caption_loss_sums(head, out["queries"], match, batch["gt_caption_ids"],
                                 batch["gt_caption_mask"], embed_table, caption_vocab)
     boxes, tokens = sums["boxes"], caption["caption_tokens"]
@@ -99,7 +111,8 @@ def multitask_loss(hidden: Float[Array, "b l d"], lm_head: Float[Array, "v d"],
     for name, w in (("bbox_l1", weights.bbox_l1), ("bbox_giou", weights.bbox_giou),
                     ("objectness", weights.objectness)):
         metrics[f"{name}_loss"] = (sums[name][-1], boxes)
-        metrics[f"{name}_loss_aux"] = (sums[name][:-1].sum(), boxes)
+        if spec.aux_loss:
+            metrics[f"{name}_loss_aux"] = (sums[name][:-1].sum(), boxes)
         total = total + w * mean(sums[name].sum(), "boxes")
     total = total + weights.caption * mean(caption["caption"], "caption_tokens")
     metrics["caption_loss"] = (caption["caption"], tokens)

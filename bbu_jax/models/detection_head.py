@@ -19,6 +19,7 @@ D the LLM width, W the head width, NL the number of decoder layers.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -29,6 +30,19 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from bbu_jax.models.attention import attention
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """The head's architecture: what a saved head's config file holds beside the LLM width."""
+    width: int
+    num_queries: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    caption_layers: int
+    max_caption_len: int
+
 
 def caption_vocab_index(ids: Int[Array, "*b"], caption_vocab: Int[Array, " k"]
                         ) -> tuple[Int[Array, "*b"], Bool[Array, "*b"]]:
@@ -133,21 +147,22 @@ def _gather_rows(hidden: Float[Array, "b l d"], index: Int[Array, "b s n"]) -> F
 class DetectionHead(nnx.Module):
     """Queries -> per-layer boxes/objectness; matched query states -> captions."""
 
-    def __init__(self, *, llm_hidden: int, width: int, num_queries: int, num_layers: int,
-                 num_heads: int, mlp_dim: int, caption_layers: int, max_caption_len: int,
-                 attention_impl: str = "xla", dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs, objectness_prior: float = 0.01):
-        self.width, self.num_queries, self.max_caption_len = width, num_queries, max_caption_len
+    def __init__(self, spec: HeadSpec, *, llm_hidden: int, attention_impl: str = "xla",
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 objectness_prior: float = 0.01):
+        # static attributes (in the graphdef): what save_detection_head writes as the config
+        self.spec, self.llm_hidden = spec, llm_hidden
         self.dtype = dtype
+        width = spec.width
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        block = partial(_Block, width, num_heads, mlp_dim, attention_impl=attention_impl, **kw)
+        block = partial(_Block, width, spec.num_heads, spec.mlp_dim, attention_impl=attention_impl, **kw)
         init = nnx.initializers.normal(0.02)
         self.vision_adapter = _Adapter(llm_hidden, width, **kw)
         self.text_adapter = _Adapter(llm_hidden, width, **kw)
         self.stream_embed = nnx.Param(init(rngs.params(), (2, width), param_dtype))
-        self.query_content = nnx.Param(init(rngs.params(), (num_queries, width), param_dtype))
-        self.query_pos = nnx.Param(init(rngs.params(), (num_queries, width), param_dtype))
-        self.layers = nnx.List([block(cross_attention=True) for _ in range(num_layers)])
+        self.query_content = nnx.Param(init(rngs.params(), (spec.num_queries, width), param_dtype))
+        self.query_pos = nnx.Param(init(rngs.params(), (spec.num_queries, width), param_dtype))
+        self.layers = nnx.List([block(cross_attention=True) for _ in range(spec.num_layers)])
         self.out_norm = nnx.LayerNorm(width, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
         self.box_mlp = nnx.List([nnx.Linear(width, width, **kw), nnx.Linear(width, width, **kw),
                                  nnx.Linear(width, 4, **kw)])
@@ -156,8 +171,8 @@ class DetectionHead(nnx.Module):
         # caption decoder
         self.caption_prefix = nnx.Linear(width, width, **kw)
         self.caption_token_proj = nnx.Linear(llm_hidden, width, **kw)
-        self.caption_pos = nnx.Param(init(rngs.params(), (max_caption_len, width), param_dtype))
-        self.caption_blocks = nnx.List([block(cross_attention=False) for _ in range(caption_layers)])
+        self.caption_pos = nnx.Param(init(rngs.params(), (spec.max_caption_len, width), param_dtype))
+        self.caption_blocks = nnx.List([block(cross_attention=False) for _ in range(spec.caption_layers)])
         self.caption_norm = nnx.LayerNorm(width, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
 
     def memory(self, hidden, det_vision_index, det_vision_mask, det_vision_pos, det_text_index,
@@ -167,7 +182,7 @@ class DetectionHead(nnx.Module):
         text = self.text_adapter(_gather_rows(hidden, det_text_index).astype(self.dtype))
         stream = self.stream_embed[...].astype(jnp.float32)
         memory = jnp.concatenate([vision + stream[0], text + stream[1]], axis=-2)
-        vision_pos = sine_position_embedding_2d(det_vision_pos, self.width)
+        vision_pos = sine_position_embedding_2d(det_vision_pos, self.spec.width)
         memory_pos = jnp.concatenate([vision_pos, jnp.zeros_like(text)], axis=-2)
         mask = jnp.concatenate([det_vision_mask, det_text_mask], axis=-1).astype(bool)
         return memory, memory_pos, mask
@@ -183,7 +198,7 @@ class DetectionHead(nnx.Module):
         memory, memory_pos = memory.astype(self.dtype), memory_pos.astype(self.dtype)
         b, s = det_vision_index.shape[:2]
         x = jnp.broadcast_to(self.query_content[...].astype(jnp.float32),
-                             (b, s, self.num_queries, self.width))
+                             (b, s, self.spec.num_queries, self.spec.width))
         pos = self.query_pos[...].astype(self.dtype)
         states = []
         for layer in self.layers:
@@ -219,8 +234,8 @@ class DetectionHead(nnx.Module):
         """Teacher-forced scores: position t predicts caption_index[t] from the query state and
         caption_index[:t] (vocabulary indices, see ``caption_vocab_index``)."""
         c = caption_index.shape[-1]
-        if c > self.max_caption_len:
-            raise ValueError(f"caption length {c} exceeds max_caption_len {self.max_caption_len}")
+        if c > self.spec.max_caption_len:
+            raise ValueError(f"caption length {c} exceeds max_caption_len {self.spec.max_caption_len}")
         vocab_w = self.caption_embeddings(embed_table, caption_vocab)
         prefix = self.caption_prefix(query_states.astype(self.dtype))
         tokens_w = jnp.take(vocab_w, caption_index[..., :-1], axis=0)
@@ -232,7 +247,7 @@ class DetectionHead(nnx.Module):
         """Greedy decoding to max_caption_len tokens: (LLM token ids, caption lengths before the
         end token). Ids after the end token are the end token. Recomputes the prefix each step
         (no KV cache): captions are a few dozen tokens and the decoder is small."""
-        n, c = query_states.shape[0], self.max_caption_len
+        n, c = query_states.shape[0], self.spec.max_caption_len
         vocab_w = self.caption_embeddings(embed_table, caption_vocab)
         prefix = self.caption_prefix(query_states.astype(self.dtype))
         end_index, _ = caption_vocab_index(jnp.asarray(end_token_id), caption_vocab)
@@ -249,11 +264,3 @@ class DetectionHead(nnx.Module):
         is_end = tokens == end_index
         lengths = jnp.where(is_end.any(-1), jnp.argmax(is_end, -1), c).astype(jnp.int32)
         return caption_vocab[tokens], lengths
-
-
-@nnx.jit
-def generate_captions(head: DetectionHead, query_states: Float[Array, "n w"],
-                      embed_table: Float[Array, "v d"], caption_vocab: Int[Array, " k"],
-                      end_token_id: Int[Array, ""]) -> tuple[Int[Array, "n c"], Int[Array, " n"]]:
-    """Jitted ``DetectionHead.greedy_captions`` (fixed max length: one compilation per N)."""
-    return head.greedy_captions(query_states, embed_table, caption_vocab, end_token_id)

@@ -33,7 +33,7 @@ from bbu_jax.foundation.sharding import logical_to_spec
 LOG2E = math.log2(math.e)
 NEG = -0.7 * float(np.finfo(np.float32).max)  # masked score; finite, so max() never yields NaN
 
-# (query rows, key rows) per program; Triton needs powers of two. Untuned (no GPU was lent yet):
+# (query rows, key rows) per program; Triton needs powers of two. Not tuned on a GPU:
 # causal rows (text samples, long) take FlashAttention-2's Hopper forward tile for head dim 128;
 # rows that are not causal (the vision tower) take 64 queries, so that a block of a 448-pixel
 # image's 64-patch windows never straddles two. The backward keeps its two (rows x rows) f32 tiles

@@ -1,3 +1,5 @@
-"""Measurement tools shared by benchmarks/ and tests: lowering the product's train step, reading
-the collectives of its HLO, synthetic product-shaped batches. Not used by training runs.
+"""Measurement tools shared by benchmarks/, tests and the training log: the model-FLOPs count
+(``flops``; the training loop's MFU uses it too), the collectives of a lowered step's HLO
+(``collectives``), synthetic product-shaped batches (``synthetic``) and a bare LM train step
+(``lm_step``).
 """

@@ -17,7 +17,9 @@ import tempfile
 import jax
 import numpy as np
 
-from bbu_jax.training import task, train_state
+from bbu_jax.perf.lowering import lower_train_step
+from bbu_jax.training import train_state
+from bbu_jax.workflows.config import Specs
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
@@ -112,13 +114,12 @@ def collective_bytes(hlo: str) -> dict[str, int]:
     return {kind: int(found[kind]) for kind in KINDS}
 
 
-def train_step_traffic(modules, mesh, dims: dict[str, int], *, weights, caption_vocab, lm_chunk: int
+def train_step_traffic(specs: Specs, modules, mesh, dims: dict[str, int], *, caption_vocab
                        ) -> tuple[dict[str, int], int]:
-    """({kind: bytes} per step, parameter bytes) of the product's train step
-    (``task.lower_train_step``) for ``modules`` on ``mesh``, one micro-batch of ``dims``.
+    """({kind: bytes} per step, parameter bytes) of the train step of a run with ``specs``
+    (``lowering.lower_train_step``) for ``modules`` on ``mesh``, micro-batches of ``dims``.
     Compiled only: nothing is allocated or run."""
-    lowered = task.lower_train_step(modules, mesh, dims, weights=weights, caption_vocab=caption_vocab,
-                                    lm_chunk=lm_chunk)
+    lowered = lower_train_step(specs, modules, mesh, dims, caption_vocab=caption_vocab)
     _, params, _ = train_state.split_modules(modules)
     param_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(params))
     return collective_bytes(partitioned_hlo(lowered)), param_bytes

@@ -10,7 +10,7 @@ image processor and tokenizer.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

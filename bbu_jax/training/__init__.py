@@ -1,2 +1,3 @@
-"""Training: config validation, optimizer groups, sharding, train state, the step, the loop,
-checkpoints, logging; run.py turns a config into a run (scripts/train.py, scripts/demo.py)."""
+"""Training library: optimizer groups (OptimSpec), the task (ModelSpec: model + head + loss), the
+train state, the jitted step, the loop (LoopSpec), checkpoints, logging. workflows.train puts them
+together into a run."""

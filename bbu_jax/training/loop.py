@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def next_step_batch(batches: Iterator[dict], accum: int) -> dict[str, np.ndarray]:
-    """Stacks `accum` host batches on a new leading micro-batch axis (a view when accum is 1: the
-    3B batch is ~600 MB per host, not worth a copy)."""
+    """Stacks `accum` host batches on a new leading micro-batch axis (a view when accum is 1: a
+    3B batch holds every patch of the step, not worth a copy)."""
     micro = [next(batches) for _ in range(accum)]
     if accum == 1:
         return {k: np.asarray(v)[None] for k, v in micro[0].items()}
@@ -46,23 +46,36 @@ class LoopResult:
     last_eval_metrics: dict[str, float]
 
 
-def train_loop(*, state, train_step: Callable, batches: Iterator[dict], accum: int,
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """How long the loop runs and how often it logs, evaluates and checkpoints."""
+    total_steps: int
+    accum: int  # micro-batches per optimizer step
+    log_every: int
+    eval_every: int  # 0: only at the last step
+    checkpoint_every: int
+    max_consecutive_nonfinite: int
+    peak_flops: float  # of all devices together, for the MFU log
+
+
+def train_loop(spec: LoopSpec, *, state, train_step: Callable, batches: Iterator[dict],
                batch_sharding: NamedSharding, data_iterator, checkpointer: Checkpointer,
-               logger: RunLogger, start_step: int, total_steps: int, log_every: int,
-               checkpoint_every: int, eval_every: int,
+               logger: RunLogger, start_step: int,
                eval_fn: Callable[[Any, int], dict[str, Any]] | None,
-               max_consecutive_nonfinite: int, lr_fns: Mapping[str, Callable[[int], float]],
+               lr_fns: Mapping[str, Callable[[int], float]],
                step_flops: Callable[[Mapping[str, np.ndarray]], float] | None,
-               peak_flops: float, token_count: Callable[[Mapping[str, np.ndarray]], int],
+               token_count: Callable[[Mapping[str, np.ndarray]], int],
                meta: dict, on_step: Callable[[int, Any], None] | None = None) -> LoopResult:
-    """Runs optimizer steps start_step+1 .. total_steps.
+    """Runs optimizer steps start_step+1 .. spec.total_steps.
 
     A step whose loss or gradient is non-finite leaves params and optimizer state unchanged (the
-    step does it) and is not checkpointed; `max_consecutive_nonfinite` of them in a row stop the
+    step does it) and is not checkpointed; `spec.max_consecutive_nonfinite` of them in a row stop the
     run, so the newest checkpoint is the last good one. Checkpoints hold the data iterator's position.
     eval_fn returns scalars, and optionally (N, H, W, 3) uint8 image grids (e.g. predicted vs true
     boxes), which go to TensorBoard as images.
     """
+    total_steps, accum, log_every = spec.total_steps, spec.accum, spec.log_every
+    eval_every, checkpoint_every = spec.eval_every, spec.checkpoint_every
     step = start_step
     last_ckpt = checkpointer.latest_step()
     interval_tokens, interval_flops, interval_time = 0, 0.0, 0.0
@@ -101,7 +114,7 @@ def train_loop(*, state, train_step: Callable, batches: Iterator[dict], accum: i
         loss_sum, loss_n = out["metrics"]["loss"]
         logger.progress(step, float(loss_sum) if loss_n else None,
                         interval_tokens / interval_time if interval_time else None)
-        if int(out["nonfinite_streak"]) >= max_consecutive_nonfinite:
+        if int(out["nonfinite_streak"]) >= spec.max_consecutive_nonfinite:
             log.error("stopping: %d consecutive non-finite steps; the last good checkpoint is %s",
                       int(out["nonfinite_streak"]), last_ckpt)
             stop = "nonfinite"
@@ -112,7 +125,7 @@ def train_loop(*, state, train_step: Callable, batches: Iterator[dict], accum: i
             extra["tokens_per_s"] = interval_tokens / interval_time
             extra["step_time_s"] = interval_time / steps_in
             if step_flops is not None:
-                extra["mfu"] = interval_flops / interval_time / peak_flops
+                extra["mfu"] = interval_flops / interval_time / spec.peak_flops
             train_vals = logger.log_train(step, extra)
             interval_tokens, interval_flops, interval_time = 0, 0.0, 0.0
         if eval_fn is not None and ((eval_every and step % eval_every == 0) or step == total_steps):

@@ -8,25 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
+from bbu_jax.foundation.files import write_json_atomic
+
 # Reported as interval totals rather than averages.
 SUMMED = frozenset({"skipped_steps"})
-
-
-def write_json_atomic(path: pathlib.Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=True)
-    os.replace(tmp, path)
 
 
 class SumCountAccumulator:
@@ -52,23 +44,6 @@ class SumCountAccumulator:
             elif self._counts[name] > 0:
                 out[name] = s / self._counts[name]
         return out
-
-
-def estimate_step_flops(*, llm_params: int, vision_params: int, head_params: int,
-                        tokens: int, patches: int, llm_layers: int, llm_width: int,
-                        llm_context: float, vision_layers: int, vision_width: int,
-                        vision_context: float) -> float:
-    """Training FLOPs of one step (forward + backward = 3x forward).
-
-    Dense: 6 * params * items (tokens for the LLM and head, patches for the vision tower).
-    Attention scores and values: 12 * layers * width * context per item, where context is the mean
-    number of keys a query attends to (about half the segment length for causal packed rows, the
-    window or image size for the vision tower).
-    """
-    dense = 6.0 * (llm_params + head_params) * tokens + 6.0 * vision_params * patches
-    attn = (12.0 * llm_layers * llm_width * llm_context * tokens
-            + 12.0 * vision_layers * vision_width * vision_context * patches)
-    return dense + attn
 
 
 class RunLogger:
@@ -131,7 +106,7 @@ class RunLogger:
 
     def write_summary(self, summary: Mapping) -> None:
         if self.is_main:
-            write_json_atomic(self.workdir / "summary.json", dict(summary))
+            write_json_atomic(self.workdir / "summary.json", dict(summary), indent=2, sort_keys=True)
 
     def close(self) -> None:
         if self.is_main:

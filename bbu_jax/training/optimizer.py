@@ -6,6 +6,7 @@ train_state.py); a parameter's group is decided by the first rule of GROUP_RULES
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -33,15 +34,7 @@ _NO_DECAY = re.compile(r"(^|/)[^/]*(norm|bias)[^/]*(/|$)|(^|/)(scale|bias)$", re
 
 def path_str(key_path) -> str:
     """'/'-joined names of a jax key path (dict keys, attributes, sequence indices)."""
-    parts = []
-    for k in key_path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
 
 
 def group_of(path: str, rules=GROUP_RULES) -> str:
@@ -65,33 +58,42 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda p, _: decays(path_str(p)), params)
 
 
-def effective_batch_size(batch_rows: int, grad_accum_steps: int, collator: str,
-                         segments_per_row: int) -> int:
-    """Samples per optimizer step: a packed row holds up to segments_per_row samples."""
-    per_row = segments_per_row if collator == "packed" else 1
-    return batch_rows * grad_accum_steps * per_row
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+    """The optimizer group of the config: peak lrs per group (before batch scaling), the schedule,
+    AdamW, clipping, accumulation and the head's initial freeze."""
+    lrs: Mapping[str, float]  # group (GROUPS) -> peak lr; 0 freezes the group
+    lr_scaling: str  # one of LR_SCALING
+    lr_reference_batch: int
+    warmup_steps: int
+    min_lr_ratio: float
+    weight_decay: float
+    b1: float
+    b2: float
+    eps: float
+    grad_clip_norm: float  # 0 disables
+    grad_accum_steps: int
+    head_freeze_steps: int
+
+
+LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}  # rule -> power of the batch ratio
 
 
 def lr_scale(rule: str, effective_batch: int, reference_batch: int) -> float:
-    """Multiplier of every group's lr: (effective / reference) ** {linear: 1, sqrt: 0.5, none: 0}."""
-    power = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[rule]
-    return (effective_batch / reference_batch) ** power
+    """Multiplier of every group's lr: (effective / reference) ** power of the rule."""
+    return (effective_batch / reference_batch) ** LR_SCALING[rule]
 
 
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int,
                   min_lr_ratio: float) -> optax.Schedule:
-    """Linear warmup (update k gets peak*(k+1)/warmup, so the first update is not wasted), then
-    cosine from peak to peak*min_lr_ratio at total_steps."""
-    floor = peak * min_lr_ratio
-
-    def schedule(count):
-        count = jnp.asarray(count, jnp.float32)
-        warm = peak * (count + 1.0) / max(warmup_steps, 1)
-        progress = jnp.clip((count - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
-        cos = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(count < warmup_steps, warm, cos)
-
-    return schedule
+    """Linear warmup where update k gets peak*(k+1)/warmup_steps (optax's
+    warmup_cosine_decay_schedule starts at init_value, so its first update would be wasted at 0),
+    then cosine from peak to peak*min_lr_ratio at total_steps."""
+    cosine = optax.cosine_decay_schedule(peak, max(total_steps - warmup_steps, 1), alpha=min_lr_ratio)
+    if warmup_steps == 0:
+        return cosine
+    warmup = optax.linear_schedule(peak / warmup_steps, peak, warmup_steps - 1)
+    return optax.join_schedules([warmup, cosine], [warmup_steps])
 
 
 class _FreezeState(NamedTuple):
@@ -148,11 +150,10 @@ def mask_until(num_steps: int, frozen: Callable[[Any], Any]) -> optax.GradientTr
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(params, *, lrs: Mapping[str, float], warmup_steps: int, total_steps: int,
-                   min_lr_ratio: float, weight_decay: float, b1: float, b2: float, eps: float,
-                   grad_clip_norm: float, head_freeze_steps: int,
+def make_optimizer(params, spec: OptimSpec, *, total_steps: int, batch_scale: float = 1.0,
                    rules=GROUP_RULES) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
-    """AdamW per group (lrs already scaled), global-norm clipping, frozen groups at lr 0.
+    """AdamW per group (peak lr = spec.lrs[group] * batch_scale), global-norm clipping, frozen
+    groups at lr 0.
 
     Returns the transformation and each group's lr as a function of the optimizer step (for
     logging); a group with lr 0 gets optax.set_to_zero and so no optimizer state at all.
@@ -163,23 +164,23 @@ def make_optimizer(params, *, lrs: Mapping[str, float], warmup_steps: int, total
     for group in GROUPS:
         if group not in present:
             continue
-        lr = float(lrs[group])
+        lr = float(spec.lrs[group]) * batch_scale
         if lr == 0.0:
             txs[group] = optax.set_to_zero()
             schedules[group] = lambda step: 0.0
             continue
-        freeze = head_freeze_steps if group in HEAD_GROUPS else 0
-        sched = warmup_cosine(lr, warmup_steps, max(total_steps - freeze, 1), min_lr_ratio)
-        txs[group] = freeze_for(freeze, optax.adamw(sched, b1=b1, b2=b2, eps=eps,
-                                                    weight_decay=weight_decay, mask=decay_mask))
+        freeze = spec.head_freeze_steps if group in HEAD_GROUPS else 0
+        sched = warmup_cosine(lr, spec.warmup_steps, max(total_steps - freeze, 1), spec.min_lr_ratio)
+        txs[group] = freeze_for(freeze, optax.adamw(sched, b1=spec.b1, b2=spec.b2, eps=spec.eps,
+                                                    weight_decay=spec.weight_decay, mask=decay_mask))
         schedules[group] = (lambda s, f=freeze, g=sched: 0.0 if s < f else float(g(s - f)))
     chain = []
-    if head_freeze_steps:
+    if spec.head_freeze_steps:
         is_head = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
             lambda p, _: group_of(path_str(p), rules) in HEAD_GROUPS, tree)
-        chain.append(mask_until(head_freeze_steps, is_head))
-    if grad_clip_norm > 0:
-        chain.append(optax.clip_by_global_norm(grad_clip_norm))
+        chain.append(mask_until(spec.head_freeze_steps, is_head))
+    if spec.grad_clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(spec.grad_clip_norm))
     chain.append(optax.partition(txs, labels))
     return optax.chain(*chain), schedules
 

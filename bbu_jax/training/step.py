@@ -1,4 +1,4 @@
-"""The jitted train and eval steps: exact token-weighted accumulation, NaN guard, group norms.
+"""The jitted train step: exact token-weighted accumulation, NaN guard, group norms.
 
 A task provides two functions (see task.py for the real one, tests for toy ones):
 
@@ -60,7 +60,7 @@ def _scan_micro(fn, batch):
 
 
 def train_step(state: State, batch: dict, *, loss_fn: LossFn, count_fn: CountFn,
-               tx: optax.GradientTransformation, labels) -> tuple[State, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, labels) -> tuple[State, dict[str, Metrics | jax.Array]]:
     counts = total_counts(count_fn, batch)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -102,15 +102,6 @@ def train_step(state: State, batch: dict, *, loss_fn: LossFn, count_fn: CountFn,
     return new_state, {"metrics": out, "ok": ok, "nonfinite_streak": new_state["nonfinite_streak"]}
 
 
-def eval_step(params, batch: dict, *, loss_fn: LossFn, count_fn: CountFn, rng) -> Metrics:
-    """Loss terms of one (un-accumulated) batch as (sum, count) pairs."""
-    counts = {k: jnp.maximum(v, 1).astype(jnp.float32) for k, v in count_fn(batch).items()}
-    loss, metrics = loss_fn(params, batch, counts, rng)
-    out = {k: (s.astype(jnp.float32), c.astype(jnp.float32)) for k, (s, c) in metrics.items()}
-    out["loss"] = (loss.astype(jnp.float32), jnp.ones([], jnp.float32))
-    return out
-
-
 def jit_train_step(*, loss_fn: LossFn, count_fn: CountFn, tx: optax.GradientTransformation,
                    labels, state_shardings: State, mesh: Mesh):
     """train_step compiled with explicit in/out shardings; the input state is donated."""
@@ -122,14 +113,3 @@ def jit_train_step(*, loss_fn: LossFn, count_fn: CountFn, tx: optax.GradientTran
 
     return jax.jit(fn, in_shardings=(state_shardings, accumulated_batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-
-
-def jit_eval_step(*, loss_fn: LossFn, count_fn: CountFn, param_shardings, mesh: Mesh):
-    replicated = NamedSharding(mesh, P())
-
-    def fn(params, batch, rng):
-        with mesh_context(mesh):
-            return eval_step(params, batch, loss_fn=loss_fn, count_fn=count_fn, rng=rng)
-
-    return jax.jit(fn, in_shardings=(param_shardings, NamedSharding(mesh, P(BATCH_AXES)), replicated),
-                   out_shardings=replicated)

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from bbu_jax.foundation.files import atomic_dir, copy_side_files, save_safetensors_shards
+from bbu_jax.models.detection_head_files import save_detection_head
 from bbu_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, from_hf, to_hf_state_dict
 from bbu_jax.models.qwen2_5_vl.params import abstract_model
 
@@ -86,3 +87,13 @@ def export(model: Qwen25VL, out: str | Path, base_hf_dir: str | Path, *, dtype: 
             raise FileNotFoundError(f"{base}: no tokenizer files to copy into the export")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return Path(out)
+
+
+def export_trained(modules, out: str | Path, base_hf_dir: str | Path,
+                   caption_vocab: np.ndarray | None) -> Path:
+    """HF folder of a trained model (transformers loads it) plus, with a head,
+    detection_head.safetensors + its config (architecture and caption vocabulary)."""
+    out = export(modules["model"], out, base_hf_dir)
+    if "head" in modules:
+        save_detection_head(modules["head"], out, caption_vocab)
+    return out

@@ -12,9 +12,10 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int, Shaped
 
+from bbu_jax.models.layers import param
 from bbu_jax.models.qwen2_5_vl import processing
 from bbu_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from bbu_jax.models.qwen2_5_vl.text import KVCache, TextModel, param
+from bbu_jax.models.qwen2_5_vl.text import KVCache, TextModel
 from bbu_jax.models.qwen2_5_vl.vision import VisionTower
 
 

@@ -101,7 +101,7 @@ def preprocess_image(image: Image.Image, min_pixels: int = DEFAULT_MIN_PIXELS,
     return normalize_rows(pixels), grid
 
 
-GridTHW = Sequence[int]
+GridTHW = Sequence[int | np.integer]  # (t, h, w) in patches; numpy ints as read from image_grid_thw
 
 
 def _grid(thw: GridTHW, spatial_merge_size: int) -> tuple[int, int, int]:

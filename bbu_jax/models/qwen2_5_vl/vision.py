@@ -15,10 +15,10 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int, Shaped
 
-from bbu_jax.models.qwen2_5_vl.processing import NORMALIZED
 from bbu_jax.models.attention import attention
+from bbu_jax.models.layers import Dense, GatedMLP, RMSNorm, apply_rope, layer_loop, remat_policy, stacked
 from bbu_jax.models.qwen2_5_vl.config import VisionConfig
-from bbu_jax.models.qwen2_5_vl.text import Dense, GatedMLP, RMSNorm, apply_rope, layer_loop, remat_policy, stacked
+from bbu_jax.models.qwen2_5_vl.processing import NORMALIZED
 
 VISION_NORM_EPS = 1e-6  # hard-coded in transformers' vision blocks and merger
 

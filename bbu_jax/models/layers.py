@@ -1,0 +1,160 @@
+"""Layers shared by the Qwen2.5-VL vision tower and text decoder.
+
+Parameters are float32 and carry logical axis names (``out_sharding`` metadata) that
+``bbu_jax.foundation.sharding`` maps onto the mesh; matmuls run in ``compute_dtype`` with f32
+accumulation, norms and rotary embeddings in f32. Layers are created stacked (``stacked``) and run
+with ``layer_loop`` so compile time does not grow with depth.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from bbu_jax.foundation.sharding import constrain, gathered_weight
+
+Axes = tuple[str | None, ...]
+LAYERS_AXIS = "layers"
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {name!r}; one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def param(value: jax.Array, axes: Axes) -> nnx.Param:
+    """A Param annotated with logical axis names. Eager sharding is off: names are resolved to mesh
+    axes only by ``bbu_jax.foundation.sharding`` (so the model builds with or without a mesh)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.Param(value, out_sharding=axes)
+
+
+def layer_loop(body, *, scan: bool, in_axes, out_axes):
+    """``nnx.scan`` over stacked layers. ``scan=False`` unrolls it: compile time grows with depth,
+    but the backward pass does not stack every layer's residuals into zero-filled buffers
+    (a share of a small model's CPU step worth saving); the params stay stacked either way."""
+    return nnx.scan(body, in_axes=in_axes, out_axes=out_axes, unroll=1 if scan else True)
+
+
+def remat_policy(name: str):
+    """``"none"`` (no remat), ``"full"`` (save nothing) or a ``jax.checkpoint_policies`` name."""
+    if name in ("none", "full"):
+        return None
+    if not hasattr(jax.checkpoint_policies, name):
+        raise ValueError(f"unknown remat policy {name!r}")
+    return getattr(jax.checkpoint_policies, name)
+
+
+@jax.custom_vjp
+def narrow_product(x: Float[Array, "n din"], w: Float[Array, "din dout"]) -> Float[Array, "n dout"]:
+    """x @ w for a compute dtype narrower than f32 (accumulated in f32 by the GEMM, output in it).
+
+    With an f32 output the gradient reached the backward's products in f32, so both ran on f32
+    operands (on a GPU: at half the bf16 rate at best, twice the bytes); with a plain narrow
+    output, dw came out narrow too and its partial sums were reduced across devices in it. Here
+    dx's product runs in the compute dtype and dw's leaves its product in f32 (reduced in f32)."""
+    return jnp.dot(x, w, preferred_element_type=x.dtype)
+
+
+def _narrow_product_fwd(x, w):
+    return narrow_product(x, w), (x, w)
+
+
+def _narrow_product_bwd(res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = jnp.dot(g, w.T, preferred_element_type=x.dtype)
+    return dx, jnp.dot(x.T, g, preferred_element_type=jnp.float32).astype(w.dtype)
+
+
+narrow_product.defvjp(_narrow_product_fwd, _narrow_product_bwd)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); kernel (in, out) = the transpose of torch's Linear weight."""
+
+    def __init__(self, din: int, dout: int, *, use_bias: bool, axes: Axes, rngs: nnx.Rngs,
+                 compute_dtype=jnp.float32, param_dtype=jnp.float32):
+        init = jax.nn.initializers.normal(0.02)
+        self.kernel = param(init(rngs.params(), (din, dout), param_dtype), axes)
+        self.kernel_axes = tuple(axes)
+        self.bias = param(jnp.zeros((dout,), param_dtype), axes[1:]) if use_bias else None
+        self.compute_dtype = compute_dtype
+        # Activations are split over tokens (and over heads / mlp units under tensor parallelism),
+        # never over the model width: left to itself, GSPMD follows an fsdp-split kernel and splits
+        # activations by width, then all-reduces whole (tokens x features) products.
+        self.activation_axes = tuple(None if a == "embed" else a for a in axes)
+
+    def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:
+        # As a 2D product: the kernel's gradient then contracts one token axis, which XLA's CPU dot
+        # reads in place; contracting (batch, length) made it write a transposed copy of dy first.
+        lead = x.shape[:-1]
+        x = constrain(x.reshape(-1, x.shape[-1]), ("batch", self.activation_axes[0]))
+        kernel = gathered_weight(self.kernel[...], self.kernel_axes, self.activation_axes, self.compute_dtype)
+        x = x.astype(self.compute_dtype)
+        if jnp.dtype(self.compute_dtype) == jnp.float32:  # nothing to narrow: plain autodiff
+            y = jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+        else:
+            y = narrow_product(x, kernel)
+        y = constrain(y, ("batch", self.activation_axes[1])).reshape(*lead, y.shape[-1])
+        if self.bias is not None:
+            y = y.astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.compute_dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32):
+        self.weight = param(jnp.ones((dim,), param_dtype), ("norm",))
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return x * self.weight[...].astype(jnp.float32)
+
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)); with bias in the vision tower, without in the decoder."""
+
+    def __init__(self, dim: int, hidden: int, *, act: str, use_bias: bool, rngs: nnx.Rngs,
+                 compute_dtype=jnp.float32, param_dtype=jnp.float32):
+        kw = dict(use_bias=use_bias, rngs=rngs, compute_dtype=compute_dtype, param_dtype=param_dtype)
+        self.gate_proj = Dense(dim, hidden, axes=("embed", "mlp"), **kw)
+        self.up_proj = Dense(dim, hidden, axes=("embed", "mlp"), **kw)
+        self.down_proj = Dense(hidden, dim, axes=("mlp", "embed"), **kw)
+        self.act = act
+
+    def __call__(self, x):
+        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: Float[Array, "b l h d"], cos: Float[Array, "b l d"], sin: Float[Array, "b l d"]):
+    """Rotary embedding in f32 (rotate_half convention), result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    out = x32 * cos[:, :, None] + rotate_half(x32) * sin[:, :, None]
+    return out.astype(x.dtype)
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """n copies of a module with every param stacked on a leading "layers" axis."""
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    def create(r):
+        return make(r)
+    return create(rngs)
