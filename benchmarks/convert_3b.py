@@ -31,8 +31,8 @@ STEPS = {
             "        for k in h.keys(): n += h.get_tensor(k).nbytes\n",
     "from_hf": "import jax\nfrom bbu_jax.models.qwen2_5_vl import from_hf\n"
                "m = from_hf(HF)\njax.block_until_ready(m.language_model.norm.weight[...])\n",
-    "hf_to_flax_bf16": "from bbu_jax.workflows.export import convert\nconvert(HF, OUT, 'bfloat16')\n",
-    "hf_to_flax_f32": "from bbu_jax.workflows.export import convert\nconvert(HF, OUT, 'float32')\n",
+    "hf_to_flax_bf16": "from bbu_jax.workflows.export import convert\nconvert(HF, OUT, 'bfloat16', overwrite=True)\n",
+    "hf_to_flax_f32": "from bbu_jax.workflows.export import convert\nconvert(HF, OUT, 'float32', overwrite=True)\n",
 }
 
 

@@ -48,10 +48,11 @@ def check_export(specs, hf_export: pathlib.Path, out: pathlib.Path, num_samples:
     from bbu_jax.inference.answers import generate_answers
     from bbu_jax.inference.predict import predict_detection
     from bbu_jax.models.qwen2_5_vl import from_hf
-    from bbu_jax.models.detection_head_files import load_detection_head
+    from bbu_jax.models.detection_head_files import check_detection_head, load_detection_head
 
     model = from_hf(hf_export)
     head, vocab = load_detection_head(hf_export)
+    check_detection_head(hf_export)
     d = specs.data
     encoder = SampleEncoder(str(hf_export), min_pixels=d.min_pixels, max_pixels=d.max_pixels, language=d.language)
     records = load_records(d.val_jsonl)[0][:num_samples]
@@ -83,8 +84,7 @@ def main(argv) -> int:
     from bbu_jax.workflows.config import build_specs
     specs = build_specs(_CONFIG.value, device_count=jax.device_count())
     demo_assets.prepare_assets(specs)
-    data_checks.check_data_pixels(specs)
-    data_checks.check_budgets(specs, train.make_encoder(specs))
+    data_checks.check_data(specs, train.make_encoder(specs))
     workdir = pathlib.Path(specs.run.workdir)
     if workdir.exists():
         print(f"removing the previous demo run {workdir}")
@@ -116,7 +116,8 @@ def main(argv) -> int:
     print(f"summary          {workdir.absolute() / 'summary.json'}")
     print(f"last checkpoint  {summary['last_checkpoint']}")
     print(f"HF export        {summary['hf_export']}")
-    return 0 if result.stop_reason == "done" else 2
+    from bbu_jax.training.loop import EXIT_STATUS
+    return EXIT_STATUS[result.stop_reason]
 
 
 if __name__ == "__main__":

@@ -17,11 +17,14 @@ generate mode `generate/precision`, `generate/recall`, `generate/f1`, `caption_a
 `parse_failures`, ... A mode that was not run leaves its keys out; a metric with nothing to
 measure is null. --predictions_dir writes head_predictions.jsonl / generate_predictions.jsonl
 in the format scripts/visualize.py draws.
+
+Before any work the outputs' folders are created and checked to be writable, and a detection
+head is checked against the model beside it (one trained on another model is refused). Exit
+status: 0 done, 1 a bad path, model folder, head or record (one line).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -66,11 +69,6 @@ def fit_budgets(encoder, records, pool, num_teachers: int, rows: int):
         text_memory=up(max(len(s.det_text_index) for s in students), 16))
 
 
-def write_predictions(path: Path, rows: list[dict]) -> None:
-    from bbu_jax.foundation.files import write_text_atomic
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
@@ -95,28 +93,41 @@ def main(argv=None) -> int:
     from bbu_jax.data.schema import load_records
     from bbu_jax.evaluation.evaluator import evaluate, json_safe
     from bbu_jax.evaluation.metrics import generate_metrics
-    from bbu_jax.foundation.files import write_json_atomic
+    from bbu_jax.foundation.files import check_writable, write_json_atomic, write_jsonl_atomic
     from bbu_jax.inference.answers import generate_answers
     from bbu_jax.workflows.config import build_specs, load_config
     from bbu_jax.models.qwen2_5_vl import from_hf
-    from bbu_jax.models.detection_head_files import load_detection_head
+    from bbu_jax.models.detection_head_files import check_detection_head, load_detection_head
 
-    specs = build_specs(load_config(args.config))
-    for key in ("language", "min_pixels", "max_pixels"):
-        if getattr(args, key) is None:
-            setattr(args, key, getattr(specs.data, key))
-    ckpt = resolve_checkpoint(args.checkpoint)
-    records, errors = load_records(args.data, skip_bad_samples=args.skip_bad_samples)
-    pool = [r.student for r in load_records(args.teacher_pool)[0]] if args.teacher_pool else []
-    encoder = SampleEncoder(str(ckpt), min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                            language=args.language)
-    head = caption_vocab = None
-    if args.mode in ("head", "both"):
-        head, caption_vocab = load_detection_head(ckpt)  # fails now, not after generation
-    model = from_hf(ckpt)
-    out_dir = Path(args.predictions_dir) if args.predictions_dir else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    names = {"head": ["head_predictions.jsonl"], "generate": ["generate_predictions.jsonl"]}
+    names["both"] = names["head"] + names["generate"]
+    try:  # everything that can be checked before the long part: a bad path, file or head fails now
+        out = check_writable(args.output)
+        out_dir = Path(args.predictions_dir).absolute() if args.predictions_dir else None
+        for name in names[args.mode] if out_dir else ():
+            check_writable(out_dir / name)
+        specs = build_specs(load_config(args.config))
+        for key in ("language", "min_pixels", "max_pixels"):
+            if getattr(args, key) is None:
+                setattr(args, key, getattr(specs.data, key))
+        ckpt = resolve_checkpoint(args.checkpoint)
+        records, errors = load_records(args.data, skip_bad_samples=args.skip_bad_samples)
+        if not records:
+            raise ValueError(f"{args.data}: no usable records")
+        pool = []
+        if args.teacher_pool:
+            pool_records, pool_errors = load_records(args.teacher_pool, skip_bad_samples=args.skip_bad_samples)
+            pool, errors = [r.student for r in pool_records], errors + pool_errors
+        encoder = SampleEncoder(str(ckpt), min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                                language=args.language)
+        head = caption_vocab = None
+        if args.mode in ("head", "both"):
+            head, caption_vocab = load_detection_head(ckpt)
+            check_detection_head(ckpt)  # a head beside another model than its own is refused
+        model = from_hf(ckpt)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     report: dict[str, float] = {}
     t0 = time.perf_counter()
     if head is not None:
@@ -129,7 +140,7 @@ def main(argv=None) -> int:
                                            prefix="")
         report.update(head_report)
         if out_dir:
-            write_predictions(out_dir / "head_predictions.jsonl", [
+            write_jsonl_atomic(out_dir / "head_predictions.jsonl", [
                 {"id": r["id"], "images": [os.path.relpath(r["image"], out_dir)], "gt": r["gt"], "pred": r["pred"]}
                 for r in head_preds])
     if args.mode in ("generate", "both"):
@@ -140,14 +151,12 @@ def main(argv=None) -> int:
         report.update(generate_metrics([a.gt for a in answers], [a.pred for a in answers],
                                        [a.status for a in answers]))
         if out_dir:
-            write_predictions(out_dir / "generate_predictions.jsonl", [
+            write_jsonl_atomic(out_dir / "generate_predictions.jsonl", [
                 {"id": a.record.id, "images": [os.path.relpath(x, out_dir) for x in a.record.student.images],
                  "gt": a.gt, "pred": a.pred, "response": a.response, "parse_status": a.status.to_dict()}
                 for a in answers])
     report["num_records"] = float(len(records))
     report["skipped_records"] = float(len(errors))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, json_safe(report), indent=2, sort_keys=True)
 
     headline = [k for k in ("head/AP", "head/AP50", "head/AR100", "head/caption_accuracy", "lm_loss",

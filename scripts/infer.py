@@ -15,13 +15,14 @@ Output, one JSON object per line, in input order (what scripts/visualize.py draw
    "response": the generated text, "parse_status": {"code", "num_objects", "dropped"}}
 with boxes in pixels of the stored image file (the frame of the JSONL's own boxes, which
 scripts/visualize.py draws on).
-The file is written atomically. Prints parse failures, empty outputs and precision/recall/F1 at
-IoU >= 0.5 with desc match. Exit status: 0 done, 1 no usable records.
+The output's folder is created and checked to be writable before any work; the file is written
+atomically, and any generated text fits in it (a lone surrogate stays a \\u escape). Prints parse
+failures, empty outputs and precision/recall/F1 at IoU >= 0.5 with desc match. Exit status: 0 done,
+1 a bad path, model folder or record (one line) or no usable records.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -62,31 +63,33 @@ def main(argv=None) -> int:
         print("note: no --teacher_pool; only records with their own teachers get demonstrations",
               file=sys.stderr)
 
-    from bbu_jax.workflows.config import build_specs, load_config
-    data = build_specs(load_config(args.config)).data
-    for key in ("language", "min_pixels", "max_pixels"):
-        if getattr(args, key) is None:
-            setattr(args, key, getattr(data, key))
-
     from bbu_jax.data.encode import SampleEncoder
     from bbu_jax.data.schema import load_records
     from bbu_jax.evaluation.metrics import generate_metrics
-    from bbu_jax.foundation.files import write_text_atomic
+    from bbu_jax.foundation.files import check_writable, write_jsonl_atomic
     from bbu_jax.inference.answers import generate_answers
     from bbu_jax.models.qwen2_5_vl import from_hf
+    from bbu_jax.workflows.config import build_specs, load_config
 
-    records, errors = load_records(args.input_jsonl, skip_bad_samples=args.skip_bad_samples)
-    records = records[:args.max_samples]
-    pool = []
-    if args.teacher_pool:
-        pool_records, pool_errors = load_records(args.teacher_pool, skip_bad_samples=args.skip_bad_samples)
-        pool, errors = [r.student for r in pool_records], errors + pool_errors
-    encoder = SampleEncoder(args.model_path, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                            language=args.language)
-    out_dir = os.path.dirname(os.path.abspath(args.output_file))
-    os.makedirs(out_dir, exist_ok=True)  # before the long part: a bad path fails now
-    dtype = DTYPES[args.dtype]
-    model = from_hf(args.model_path, dtype, compute_dtype=dtype)
+    try:  # everything that can be checked before the long part: a bad path or file fails now
+        out_dir = str(check_writable(args.output_file).parent)
+        data = build_specs(load_config(args.config)).data
+        for key in ("language", "min_pixels", "max_pixels"):
+            if getattr(args, key) is None:
+                setattr(args, key, getattr(data, key))
+        records, errors = load_records(args.input_jsonl, skip_bad_samples=args.skip_bad_samples)
+        records = records[:args.max_samples]
+        pool = []
+        if args.teacher_pool:
+            pool_records, pool_errors = load_records(args.teacher_pool, skip_bad_samples=args.skip_bad_samples)
+            pool, errors = [r.student for r in pool_records], errors + pool_errors
+        encoder = SampleEncoder(args.model_path, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                                language=args.language)
+        dtype = DTYPES[args.dtype]
+        model = from_hf(args.model_path, dtype, compute_dtype=dtype)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     start = time.perf_counter()
     answers, bad = generate_answers(
         model, encoder, records, pool, num_teachers=args.num_teachers, max_new_tokens=args.max_new_tokens,
@@ -100,10 +103,10 @@ def main(argv=None) -> int:
     if not answers:
         print(f"{args.input_jsonl}: no usable records", file=sys.stderr)
         return 1
-    lines = [json.dumps({"id": a.record.id, "images": [os.path.relpath(x, out_dir) for x in a.record.student.images],
-                         "gt": a.gt, "pred": a.pred, "response": a.response, "parse_status": a.status.to_dict()},
-                        ensure_ascii=False) for a in answers]
-    write_text_atomic(args.output_file, "".join(line + "\n" for line in lines))
+    lines = [{"id": a.record.id, "images": [os.path.relpath(x, out_dir) for x in a.record.student.images],
+              "gt": a.gt, "pred": a.pred, "response": a.response, "parse_status": a.status.to_dict()}
+             for a in answers]
+    write_jsonl_atomic(args.output_file, lines)  # any generated text, a lone surrogate included
 
     m = generate_metrics([a.gt for a in answers], [a.pred for a in answers], [a.status for a in answers])
     print(f"wrote {len(lines)} predictions to {args.output_file} in {elapsed:.1f}s"

@@ -8,7 +8,9 @@
 Starts from config.model.hf_dir, or resumes from the newest readable checkpoint in
 <run.workdir>/checkpoints (params, optimizer, step, RNG and the data position). Writes
 <workdir>/{checkpoints/, tensorboard/, metrics.jsonl, summary.json, caption_vocab.json}.
-Exit status: 0 done, 1 bad config/data, 2 stopped on repeated non-finite losses.
+Exit status: 0 done, 1 bad config/data, 2 stopped on repeated non-finite losses, 3 stopped by
+SIGTERM/SIGINT after saving the current step (run again to resume there), 4 a checkpoint or the
+logs could not be written (disk full; the earlier checkpoints are intact).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
-_VALIDATE_ONLY = flags.DEFINE_bool("validate_only", False, "check the config (and data budgets) and exit")
+_VALIDATE_ONLY = flags.DEFINE_bool("validate_only", False, "run every check of the config, model folder and data, "
+                                   "then exit")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print the resolved config and exit")
 _TEST_FORWARD = flags.DEFINE_bool("test_forward_pass", False, "one forward + loss on one batch, then exit")
 _LOG_LEVEL = flags.DEFINE_enum("log_level", None, ["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -73,10 +76,8 @@ def main(argv) -> int:
     try:
         specs = build_specs(c, device_count=jax.device_count())
         demo_assets.prepare_assets(specs)
-        data_checks.check_data_pixels(specs)
-        if specs.data.check_budgets_on_start:
-            data_checks.check_budgets(specs, train.make_encoder(specs))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+        data_checks.check_data(specs, train.make_encoder(specs))
+    except (ConfigError, ValueError, OSError) as e:
         print(e, file=sys.stderr)
         return 1
     if _VALIDATE_ONLY.value:
@@ -85,7 +86,8 @@ def main(argv) -> int:
     if _TEST_FORWARD.value:
         train.test_forward_pass(specs)
         return 0
-    return 2 if train.train(specs).stop_reason == "nonfinite" else 0
+    from bbu_jax.training.loop import EXIT_STATUS
+    return EXIT_STATUS[train.train(specs).stop_reason]
 
 
 if __name__ == "__main__":

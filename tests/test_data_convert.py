@@ -172,6 +172,9 @@ def test_convert_bad_input_and_cli(tmp_path, raw_dir):
     (raw / "bbu_3_00002.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"(?s)2 bad record.*bbu_3_00001.json: box .* out of the image bounds"):
         convert.convert_dataset(str(raw), "labelme", str(tmp_path / "o"), min_pixels=3136, max_pixels=200704,
+                                val_ratio=0.0, teacher_pool_size=1, seed=0, strict=True, progress=False)
+    with pytest.raises(ValueError, match=r"(?s)^1 bad record.*bbu_3_00002.jpg: cannot identify"):
+        convert.convert_dataset(str(raw), "labelme", str(tmp_path / "o"), min_pixels=3136, max_pixels=200704,
                                 val_ratio=0.0, teacher_pool_size=1, seed=0, progress=False)
     cmd = [sys.executable, str(ROOT / "scripts/convert_dataset.py"), "--input_dir", str(raw), "--format",
            "labelme", "--output_dir", str(tmp_path / "o"), "--min_pixels", "3136", "--max_pixels", "200704",
@@ -181,7 +184,8 @@ def test_convert_bad_input_and_cli(tmp_path, raw_dir):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert summary["skipped"]["count"] == 2 and summary["images"] == {"train": 0, "val": 0, "teacher_pool": 1}
+    assert summary["skipped"]["count"] == 1 and summary["images"] == {"train": 1, "val": 0, "teacher_pool": 1}
+    assert summary["clipped_boxes"]["count"] == 1 and "bbu_3_00001.json" in summary["clipped_boxes"]["boxes"][0]
     assert any("bbu_3_00002" in s and "cannot identify" in s for s in summary["skipped"]["records"])
     # validate_dataset.py: ok -> 0; broken -> FILE:LINE lines and 1
     val = [sys.executable, str(ROOT / "scripts/validate_dataset.py")]

@@ -8,33 +8,11 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-DRIVER = os.path.join(os.path.dirname(__file__), "training_driver.py")
-
-
-def _start(workdir, log_path, *args):
-    # `python tests/training_driver.py` has tests/ on its path (the script's folder) for training_toy.
-    env = dict(os.environ)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, DRIVER, "--workdir", workdir, *map(str, args)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
-    proc.log_path = log_path
-    return proc
-
-
-def _wait(proc):
-    try:
-        rc = proc.wait(timeout=400)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    with open(proc.log_path) as f:
-        return rc, f.read()[-3000:]
+from training_driver import start as _start, wait as _wait
 
 
 def _metrics(workdir):

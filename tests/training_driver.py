@@ -1,12 +1,40 @@
 """Runs the real training loop (checkpoints, grain iterator state, logging) on the toy task in a
-separate process: for the SIGKILL-resume and multi-process tests.
+separate process: for the SIGKILL/SIGTERM-resume and multi-process tests.
 
-  python tests/training_driver.py --workdir W --steps 6 [--kill_after 3]
-      [--num_processes 2 --process_id 0 --coordinator localhost:PORT] [--local_devices 4]
+  python tests/training_driver.py --workdir W --steps 6 [--kill_after 3] [--pause_at 2]
+      [--num_processes 2 --process_id 0 --coordinator localhost:PORT] [--local_devices 4 --mesh 2,2,2]
+
+Exits 3 when a signal stopped the loop (as scripts/train.py does); writes W/final_params.npz.
+`start` and `wait` run it from a test.
 """
 import argparse
 import os
 import signal
+import subprocess
+import sys
+
+DRIVER = os.path.abspath(__file__)
+
+
+def start(workdir, log_path, *args) -> subprocess.Popen:
+    """The driver in a subprocess, its output in log_path (`python tests/training_driver.py` has
+    tests/ on its path, the script's folder, for training_toy)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, DRIVER, "--workdir", str(workdir), *map(str, args)],
+                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    proc.log_path = log_path
+    return proc
+
+
+def wait(proc, timeout=400) -> tuple[int, str]:
+    """(exit status, the log's tail)."""
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    with open(proc.log_path) as f:
+        return rc, f.read()[-3000:]
 
 
 def main():
@@ -14,11 +42,14 @@ def main():
     p.add_argument("--workdir", required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--kill_after", type=int, default=0)
+    p.add_argument("--pause_at", type=int, default=0,
+                   help="after this step process 0 writes W/paused and waits for a signal (the test sends it)")
     p.add_argument("--checkpoint_every", type=int, default=3)
     p.add_argument("--num_processes", type=int, default=1)
     p.add_argument("--process_id", type=int, default=0)
     p.add_argument("--coordinator", default="")
     p.add_argument("--local_devices", type=int, default=8)
+    p.add_argument("--mesh", default="2,2,2", help="data,fsdp,tensor (their product: all devices)")
     a = p.parse_args()
     # Fast CPU compiles: these runs are about bookkeeping, not speed.
     os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={a.local_devices} "
@@ -27,6 +58,7 @@ def main():
 
     import grain
     import jax
+    import numpy as np
 
     if a.num_processes > 1:
         jax.distributed.initialize(coordinator_address=a.coordinator, num_processes=a.num_processes,
@@ -41,7 +73,7 @@ def main():
     tx, schedules = opt.make_optimizer(
         params, toy.optim_spec(dict(vision=1e-3, merger=2e-3, llm=1e-3, detection=4e-3, adapter=8e-3),
                                warmup_steps=2, head_freeze_steps=1), total_steps=a.steps)
-    mesh = sharding.make_mesh(2, 2, 2)
+    mesh = sharding.make_mesh(*map(int, a.mesh.split(",")))
     abstract = train_state.abstract_state(params, tx, 0)
     shardings = train_state.state_shardings(abstract, toy.param_shardings(params, mesh), mesh)
 
@@ -65,6 +97,9 @@ def main():
         if step == a.kill_after:
             ckpt.wait()
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == a.pause_at and pid == 0:  # the others wait for it in the next collective
+            open(os.path.join(a.workdir, "paused"), "w").close()
+            signal.pause()  # returns once the loop's handler has run
 
     logger = metrics_logging.RunLogger(a.workdir, is_main=pid == 0, total_steps=a.steps, initial_step=start)
     spec = loop.LoopSpec(total_steps=a.steps, accum=1, log_every=1, eval_every=0,
@@ -76,8 +111,13 @@ def main():
         token_count=lambda h: int(h["target_kind"].size), meta={}, on_step=on_step)
     logger.close()
     ckpt.close()
-    print(f"done step={result.step} start={start}")
+    if pid == 0:
+        flat = jax.tree_util.tree_flatten_with_path(jax.device_get(result.state["params"]))[0]
+        np.savez(os.path.join(a.workdir, "final_params.npz"),
+                 **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
+    print(f"{result.stop_reason} step={result.step} start={start}")
+    return 3 if result.stop_reason == "signal" else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

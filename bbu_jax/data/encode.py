@@ -4,8 +4,8 @@ Everything here is local to the sample (token positions from 0, window/image ids
 indices from 0); the collator offsets them when it places the sample in a row. Boxes in the JSONL
 are pixels of the stored image; the answer text uses pixels of the image the model sees (the
 smart_resize of the stored image — identical when conversion used the same pixel limits), and
-gt_boxes are normalized cxcywh of that image. With several student images, detection targets and
-the vision memory use the first one (the objects refer to it, see schema.py).
+gt_boxes are normalized cxcywh of that image. The student has one image (schema.py rejects a
+record with more): the detection targets and the vision memory are that image's.
 """
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
 
 from bbu_jax.data import chat
 from bbu_jax.data.convert import scale_box
 from bbu_jax.data.schema import Example, Record, RecordError
 from bbu_jax.foundation.files import write_json_atomic
-from bbu_jax.models.qwen2_5_vl.processing import image_pixels
+from bbu_jax.models.qwen2_5_vl.config import Qwen25VLConfig, check_model_dir
+from bbu_jax.models.qwen2_5_vl.processing import image_pixels, load_image
 from bbu_jax.models.qwen2_5_vl.processing import rope_index, vision_layout
 
 END_TOKEN = "<|im_end|>"
@@ -57,14 +57,10 @@ class EncodedSample:
 
 
 def read_vision_config(model_dir: str) -> dict:
-    """spatial_merge_size / window_size / patch_size from the model folder's config.json."""
-    path = os.path.join(model_dir, "config.json")
-    vc = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            vc = json.load(f).get("vision_config", {})
-    return {"spatial_merge_size": vc.get("spatial_merge_size", 2), "window_size": vc.get("window_size", 112),
-            "patch_size": vc.get("patch_size", 14)}
+    """spatial_merge_size / window_size / patch_size from the model folder's config.json (a
+    Qwen2.5-VL one; otherwise one line naming what is missing)."""
+    v = Qwen25VLConfig.from_file(check_model_dir(model_dir) / "config.json").vision
+    return {"spatial_merge_size": v.spatial_merge_size, "window_size": v.window_size, "patch_size": v.patch_size}
 
 
 class SampleEncoder:
@@ -74,7 +70,7 @@ class SampleEncoder:
                  system_prompt: str = chat.SYSTEM_PROMPT, image_cache_size: int = 64):
         if language not in chat.INSTRUCTIONS:
             raise ValueError(f"language must be one of {sorted(chat.INSTRUCTIONS)}, got {language!r}")
-        self.model_dir = os.fspath(model_dir)
+        self.model_dir = os.fspath(check_model_dir(model_dir, tokenizer=True))
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.language, self.system_prompt = language, system_prompt
         self.vision = read_vision_config(self.model_dir)
@@ -94,7 +90,8 @@ class SampleEncoder:
     def tokenizer(self):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            # local_files_only: a folder path never turns into a hub download
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         return self._tokenizer
 
     @property
@@ -113,10 +110,9 @@ class SampleEncoder:
             self._images.move_to_end(path)
             return self._images[path]
         try:
-            with Image.open(path) as im:
-                im.load()
-                pixels, grid = image_pixels(im, self.min_pixels, self.max_pixels)
-                stored = (im.height, im.width)
+            im = load_image(path)  # upright, as conversion stored it and annotators saw it
+            pixels, grid = image_pixels(im, self.min_pixels, self.max_pixels)
+            stored = (im.height, im.width)
         except (OSError, ValueError) as e:
             raise RecordError(f"{source}: cannot read image {path} ({e})") from None
         self._images[path] = (pixels, grid, stored)
@@ -197,23 +193,27 @@ class SampleEncoder:
 
 def choose_teachers(record: Record, pool: Sequence[Example], rng: np.random.Generator,
                     teacher_ratio: float, max_teachers: int) -> tuple[Example, ...]:
-    """The record's own teachers, else with prob teacher_ratio 1..max_teachers pool entries
-    (distinct, never one showing the student's own image)."""
-    if record.teachers is not None:
-        return record.teachers
-    if not pool or max_teachers < 1 or rng.random() >= teacher_ratio:
+    """With prob teacher_ratio 1..max_teachers demonstrations, from the record's own teachers when
+    it carries them (a random subset, in the record's order), else distinct pool entries never
+    showing the student's own image."""
+    if max_teachers < 1 or (record.teachers is None and not pool) or rng.random() >= teacher_ratio:
         return ()
+    if record.teachers is not None:
+        own = record.teachers
+        n = min(int(rng.integers(1, max_teachers + 1)), len(own))
+        return tuple(own[i] for i in sorted(rng.choice(len(own), n, replace=False).tolist())) if n else ()
     candidates = [i for i, p in enumerate(pool) if not set(p.images) & set(record.student.images)]
     n = min(int(rng.integers(1, max_teachers + 1)), len(candidates))
     return tuple(pool[i] for i in sorted(rng.choice(candidates, n, replace=False).tolist())) if n else ()
 
 
-def build_caption_vocab(jsonl_paths: Sequence[str], tokenizer) -> np.ndarray:
-    """Sorted unique token ids of every desc in these files (all three forms) + END_TOKEN."""
+def build_caption_vocab(jsonl_paths: Sequence[str], tokenizer, *, skip_bad_samples: bool = False) -> np.ndarray:
+    """Sorted unique token ids of every desc in these files (all three forms) + END_TOKEN; bad
+    lines raise, or are left out when skip_bad_samples (the loader skips them too)."""
     from bbu_jax.data.schema import load_records
     descs = set()
     for path in jsonl_paths:
-        records, _ = load_records(path)
+        records, _ = load_records(path, skip_bad_samples=skip_bad_samples)
         for r in records:
             for ex in (r.student, *(r.teachers or ())):
                 descs.update(o.desc for o in ex.objects)

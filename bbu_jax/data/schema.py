@@ -6,10 +6,12 @@ image, x1 < x2, y1 < y2):
   simple           {"images": [...], "objects": [...]}            (teachers come from the pool)
   examples/target  {"examples": [EX, ...], "target": EX}
 where EX = {"images": [path, ...], "objects": [{"bbox_2d": [x1, y1, x2, y2], "desc": str}, ...]}.
-A record with "teachers"/"examples" uses exactly those (possibly none); a simple record gets
-teachers sampled from the pool at load time. Optional top-level keys written by conversion:
-"id" (str) and "orig_size" ([height, width] of the raw photo); other keys are ignored.
-With several images in one example the objects refer to the first image.
+A record with "teachers"/"examples" draws its demonstrations from those (possibly none), a
+simple record from the pool; either way data.teacher_ratio and data.max_teachers decide how many
+(encode.choose_teachers). Optional top-level keys written by conversion: "id" (str) and
+"orig_size" ([height, width] of the raw photo); other keys are ignored.
+The student has exactly one image: its detection targets and the head's vision memory are that
+image's. A teacher may show several images; its objects then refer to the first.
 """
 from __future__ import annotations
 
@@ -82,6 +84,14 @@ def parse_example(raw: Any, root: str, what: str) -> Example:
     return Example(tuple(os.path.normpath(os.path.join(root, p)) for p in images), tuple(objs))
 
 
+def parse_student(raw: Any, root: str, what: str) -> Example:
+    ex = parse_example(raw, root, what)
+    if len(ex.images) > 1:
+        raise ValueError(f"{what}.images has {len(ex.images)} images, a student has one: the detection "
+                         "targets and the head's vision memory are one image's (make one record per image)")
+    return ex
+
+
 def parse_record(raw: Any, root: str, source: str) -> Record:
     """One decoded JSON line -> Record; raises RecordError('FILE:LINE: reason')."""
     try:
@@ -92,15 +102,15 @@ def parse_record(raw: Any, root: str, source: str) -> Record:
                 raise ValueError("'teachers' must be a list")
             teachers = tuple(parse_example(t, root, f"teachers[{i}]")
                              for i, t in enumerate(raw.get("teachers", [])))
-            student = parse_example(raw["student"], root, "student")
+            student = parse_student(raw["student"], root, "student")
         elif "target" in raw:
             if not isinstance(raw.get("examples", []), list):
                 raise ValueError("'examples' must be a list")
             teachers = tuple(parse_example(t, root, f"examples[{i}]")
                              for i, t in enumerate(raw.get("examples", [])))
-            student = parse_example(raw["target"], root, "target")
+            student = parse_student(raw["target"], root, "target")
         elif "images" in raw:
-            teachers, student = None, parse_example(raw, root, "record")
+            teachers, student = None, parse_student(raw, root, "record")
         else:
             raise ValueError("unknown record form: expected 'student', 'target' or 'images'")
         rid = raw.get("id", source)

@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import os
 
-from PIL import Image
-
 from bbu_jax.data.schema import Example, RecordError, decode_line, iter_lines, parse_record
+from bbu_jax.models.qwen2_5_vl.processing import load_image
 
 
 def _check_example(ex: Example, what: str) -> list[str]:
     problems = []
     for k, path in enumerate(ex.images):
         try:
-            with Image.open(path) as im:
-                im.load()
-                size = im.size
+            size = load_image(path).size  # the upright view the boxes and the model refer to
         except (OSError, ValueError) as e:
             problems.append(f"{what}.images[{k}] {path}: cannot read image ({e})")
             continue

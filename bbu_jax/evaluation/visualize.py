@@ -38,6 +38,7 @@ from bbu_jax.data.desc import normalize_desc
 from bbu_jax.data.schema import RecordError, load_jsonl, parse_record
 from bbu_jax.evaluation.metrics import box_iou, greedy_match
 from bbu_jax.foundation.files import atomic_path
+from bbu_jax.models.qwen2_5_vl.processing import load_image
 
 GREEN, ORANGE, RED = (40, 180, 60), (245, 150, 20), (220, 40, 40)
 BLUE = (30, 120, 230)  # nothing to compare with (GT-only or prediction-only records)
@@ -108,7 +109,7 @@ def _load_font(path: str | None, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size, index=2 if "NotoSansCJK" in path else 0)
 
 
-def draw_comparison(image: Image.Image | np.ndarray | str,
+def draw_comparison(image: Image.Image | np.ndarray | str | os.PathLike,
                     gt: Sequence[Mapping[str, Any]] | None,
                     pred: Sequence[Mapping[str, Any]] | None,
                     *, panel_size: int = 768, font_path: str | None = None,
@@ -116,7 +117,8 @@ def draw_comparison(image: Image.Image | np.ndarray | str,
     """GT (left) and predictions (right) drawn on ``image``; one panel when either is None.
 
     Args:
-      image: RGB PIL image, HWC uint8 array, or a path.
+      image: PIL image, HW/HWC uint8 array (floats in [0, 1] are scaled), or a path; read as the
+        model reads it (``load_image``), so boxes in the upright view land on their objects.
       gt, pred: objects ``{"bbox_2d": [x1, y1, x2, y2], "desc": str[, "score": float]}`` in the
         image's pixels.
       panel_size: the longer side of each panel; boxes are scaled with the image.
@@ -274,16 +276,11 @@ def _objects(raw: Any, source: str, key: str) -> list[dict[str, Any]] | None:
     return raw
 
 
-def _to_pil(image: Image.Image | np.ndarray | str) -> Image.Image:
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    if isinstance(image, np.ndarray):
-        arr = image
-        if arr.dtype != np.uint8:  # floats in [0, 1]
-            arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
-        return Image.fromarray(arr[..., :3] if arr.ndim == 3 else arr).convert("RGB")
-    return image.convert("RGB")
+def _to_pil(image: Image.Image | np.ndarray | str | os.PathLike) -> Image.Image:
+    """The picture as the model saw it (``load_image``: upright, transparency on white)."""
+    if isinstance(image, np.ndarray) and image.dtype != np.uint8:  # floats in [0, 1]
+        image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return load_image(image)
 
 
 def _outcome_colors(gt, pred, iou_threshold) -> tuple[list, list]:

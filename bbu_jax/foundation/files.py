@@ -2,17 +2,22 @@
 
 A reader, or a run restarted after a crash, sees either the old file or the complete new one, never
 half of one: every write goes to a hidden temporary beside the target, which os.replace() then
-swaps in. The temporary's name is unique (mkstemp), so two processes writing the same target never
-share one.
+swaps in. The temporary's name is unique (mkstemp, mkdtemp), so two processes writing the same target
+never share one. A folder is never replaced unless its writer says so (``overwrite``), and a killed
+writer's temporary folder is removed by the next writer of the same folder.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,6 +31,10 @@ SIDE_FILES = (
     "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
     "video_preprocessor_config.json", "processor_config.json", "generation_config.json",
 )
+
+log = logging.getLogger(__name__)
+# In atomic_dir's temporary names; a '/' would make a name a path.
+_HOST = socket.gethostname().replace(os.sep, "_")
 
 
 def save_safetensors_shards(weights: dict[str, np.ndarray], folder: Path,
@@ -61,16 +70,87 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove the temporaries of atomic_dir calls on ``out`` whose process died (kill -9, power loss):
+    a half-written folder, or the previous ``out`` moved aside; the latter is put back when ``out``
+    is missing (the writer died between the two renames of the swap). Only this host's temporaries
+    are judged, since a pid says nothing about a process on another host sharing the filesystem."""
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-(.+)-[a-z0-9_]+")
+    for entry in sorted(out.parent.iterdir()):
+        m = pattern.fullmatch(entry.name)
+        if not m or m[3] != _HOST or _owner_alive(int(m[2])):
+            continue
+        try:
+            if m[1] == "old" and not os.path.lexists(out):
+                os.replace(entry, out)
+                log.warning("%s: restored from %s, left by process %s that died replacing it", out, entry, m[2])
+            else:
+                shutil.rmtree(entry)
+                log.info("removed %s, left by process %s that died writing %s", entry, m[2], out)
+        except OSError as e:
+            log.warning("could not remove the stale temporary %s: %s", entry, e)
+
+
+def prepare_out_dir(out: str | os.PathLike, *, overwrite: bool,
+                    sources: Sequence[str | os.PathLike] = ()) -> Path:
+    """Check that ``out`` may be written and return it absolute; run it before long work so a
+    refusal comes first. Refuses a path that is a file or a link, a non-empty folder unless
+    ``overwrite``, and a folder that is, contains or lies inside one of ``sources`` (what the
+    output is made from) whatever ``overwrite`` says. Then removes stale temporaries beside it."""
+    out = Path(os.path.abspath(out))
+    real = out.resolve()
+    for src in sources:
+        src_real = Path(src).resolve()
+        relation = ("is" if real == src_real else "contains" if real in src_real.parents
+                    else "is inside" if src_real in real.parents else None)
+        if relation:
+            raise ValueError(f"{out} {relation} the source folder {src}; write the output elsewhere")
+    _remove_stale_temporaries(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"{out} exists and is not a folder (a file or a link); write the output elsewhere")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; --overwrite replaces it")
+    return out
+
+
 @contextlib.contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out``, on error it is removed."""
-    out = Path(out).absolute()
+def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False,
+               sources: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``out``, on error it is removed.
+
+    ``out`` is checked first (prepare_out_dir): a non-empty one is replaced only with ``overwrite``,
+    never one related to ``sources``. The temporary's name carries this process's pid and host, so a
+    later call can tell a dead writer's leftovers (gigabytes for a model) from a live one's.
+    """
+    out = prepare_out_dir(out, overwrite=overwrite, sources=sources)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    prefix = f".{out.name}.tmp-"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-{_HOST}-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        # mkdtemp creates the folder 0700; give it the mode a plain mkdir() would.
+        os.chmod(tmp, 0o777 & ~_umask())
+        if not overwrite:
+            try:  # an empty folder is replaced, one that filled up meanwhile is not
+                os.replace(tmp, out)
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise FileExistsError(f"{out} is not empty; --overwrite replaces it") from None
+                raise
+        elif out.exists():
+            old = out.with_name(f".{out.name}.old-" + tmp.name[len(prefix):])
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old)
@@ -136,6 +216,36 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def json_text(obj: Any, **json_kwargs: Any) -> str:
+    """``json.dumps(obj, ensure_ascii=False, **json_kwargs)`` that UTF-8 can always encode: a lone
+    surrogate (json.loads makes one of a "\\ud800" in a model's answer) stays a \\u escape, which
+    reads back as the same string, so no text can break the file it goes to."""
+    return json.dumps(obj, **{"ensure_ascii": False, **json_kwargs}).encode("utf-8", "backslashreplace").decode()
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, **json_kwargs: Any) -> None:
-    """``json.dumps(obj, ensure_ascii=False, **json_kwargs)`` as UTF-8, all or nothing."""
-    write_text_atomic(path, json.dumps(obj, **{"ensure_ascii": False, **json_kwargs}))
+    """``json_text(obj, **json_kwargs)`` as UTF-8, all or nothing."""
+    write_text_atomic(path, json_text(obj, **json_kwargs))
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Sequence[Any]) -> None:
+    """One ``json_text`` line per row, all or nothing."""
+    write_text_atomic(path, "".join(json_text(r) + "\n" for r in rows))
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """``path`` absolute once its folder exists and takes a file (a temporary, removed at once):
+    run before the long work whose result goes there, so a bad path fails first, in one line."""
+    path = Path(os.path.abspath(path))
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name")
+    nearest = next(p for p in path.parents if p.exists())
+    if not nearest.is_dir():
+        raise NotADirectoryError(f"{path}: {nearest} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent):
+            pass
+    except OSError as e:
+        raise type(e)(f"{path}: cannot write there ({e.strerror})") from None
+    return path

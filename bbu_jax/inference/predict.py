@@ -21,6 +21,7 @@ from bbu_jax.data.collate import Budgets, collate
 from bbu_jax.data.encode import SampleEncoder
 from bbu_jax.data.schema import Example
 from bbu_jax.models.detection_head import DetectionHead
+from bbu_jax.models.detection_head_files import check_head_fits_model
 from bbu_jax.models.qwen2_5_vl import Qwen25VL
 
 
@@ -90,6 +91,7 @@ def predict_detection(model: Qwen25VL, head: DetectionHead, images: Sequence[str
 
     Budgets are rounded up (tokens to 64, patches to 256) so similar images share a compilation.
     """
+    check_head_fits_model(head, model.config, caption_vocab)
     vocab = jnp.asarray(caption_vocab, jnp.int32)
     end_id = jnp.int32(encoder.ids["<|im_end|>"])
     k = min(top_k, head.spec.num_queries)

@@ -29,13 +29,13 @@ def processor_inputs(hf_dir: str | os.PathLike, texts: Sequence[str],
     """
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     tokenizer.padding_side = padding_side
     out: dict[str, np.ndarray] = {}
     texts = list(texts)
     flat_images = [im for per_text in (images or []) for im in per_text]
     if flat_images:
-        processor = AutoImageProcessor.from_pretrained(hf_dir)
+        processor = AutoImageProcessor.from_pretrained(hf_dir, local_files_only=True)
         feats = processor(images=flat_images, return_tensors="np", **image_kwargs)
         grids = np.asarray(feats["image_grid_thw"])
         out["pixel_values"] = np.asarray(feats["pixel_values"], np.float32)
@@ -66,7 +66,7 @@ def torch_reference_model(hf_dir: str | os.PathLike, attn_implementation: str = 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        hf_dir, dtype=torch.float32, attn_implementation=attn_implementation)
+        hf_dir, dtype=torch.float32, attn_implementation=attn_implementation, local_files_only=True)
     return model.eval()
 
 

@@ -3,21 +3,37 @@
 Layout: <dir>/<step>/{state (sharded arrays), data (one JSON per process, grain's handler),
 meta (JSON)}. Saves are async (arrays are copied off-device before `save` returns, the write runs
 in the background); orbax writes to a temporary folder and renames it when complete, so a run
-killed mid-save leaves the previous checkpoints intact. `restore_latest` walks back from the
-newest step when one cannot be read.
+killed mid-save leaves the previous checkpoints intact.
+
+Faults:
+- a save that fails (disk full, no permission) raises `CheckpointWriteError` with one line, at the
+  next `save` or `wait`. Old steps are removed here, only once a newer one is complete: orbax's own
+  `max_to_keep` removes them when a save ends even if that save failed, which could leave no
+  checkpoint at all. Orbax and asyncio log such a failure again from every thread and task
+  involved, each with a traceback; those records go to DEBUG (`_OrbaxTracebacks`).
+- `restore_latest` walks back from the newest step; an unreadable one is moved aside to
+  `<step>.corrupt` (kept for the user, invisible to orbax), so saving that step again later works.
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import os
 import pathlib
 from typing import Any
 
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the earlier ones are intact."""
 
 
 class _IteratorState:
@@ -51,23 +67,100 @@ class _IteratorRestorer:
             self._iterator.start_prefetch()
 
 
+class _OrbaxTracebacks(logging.Filter):
+    """Turns orbax's error records that carry a traceback (and asyncio's "Task exception was never
+    retrieved" for orbax's tasks, logged as late as interpreter exit) into DEBUG records of this
+    module. Every failure they describe reaches the caller as an exception: a failed write as
+    CheckpointWriteError, a failed read from `restore`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname or (
+            record.name == "asyncio" and "orbax" in record.getMessage())
+        if record.levelno < logging.ERROR or record.exc_info is None or not from_orbax:
+            return True
+        log.debug("%s: %s", record.name, record.getMessage(), exc_info=record.exc_info)
+        return False
+
+
+_ORBAX_TRACEBACKS = _OrbaxTracebacks()
+
+
+def _first_line(error: BaseException) -> str:
+    """`Type: first line` of the OS error behind `error` when there is one (disk full, permission
+    denied: what the user can act on), else of `error` itself."""
+    chain = [error]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    shown = next((e for e in chain if isinstance(e, OSError) and e.errno is not None), error)
+    lines = str(shown).strip().splitlines()
+    return f"{type(shown).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _on_every_process(ok: bool) -> bool:
+    """True when `ok` holds on every process: they must agree on which step they restore."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
 class Checkpointer:
-    """Keeps the newest `max_to_keep` checkpoints of a run under `directory`."""
+    """Keeps the newest `max_to_keep` complete checkpoints of a run under `directory`."""
 
     def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int, async_save: bool):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        self.max_to_keep = max_to_keep
+        self._async = async_save
+        for name in ("absl", "asyncio"):  # orbax logs through absl; adding the same filter twice is a no-op
+            logging.getLogger(name).addFilter(_ORBAX_TRACEBACKS)
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "data", "meta"))
+        self._pending: int | None = None  # the step being written, not yet known to be complete
 
-    def save(self, step: int, state, *, data_iterator=None, meta: dict | None = None) -> bool:
-        """Starts saving; returns once arrays are off-device (the write may still be running)."""
+    def save(self, step: int, state, *, data_iterator=None, meta: dict | None = None) -> None:
+        """Starts saving; returns once arrays are off-device (the write may still be running).
+
+        Raises CheckpointWriteError when this save, or the previous one, could not be written.
+        """
+        self._finish_pending()
         args = {"state": ocp.args.StandardSave(state),
                 "meta": ocp.args.JsonSave(dict(meta or {}, step=int(step)))}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(_IteratorState(data_iterator.get_state()))
-        return self._manager.save(int(step), args=ocp.args.Composite(**args), force=True)
+        self._pending = int(step)
+        try:
+            self._manager.save(int(step), args=ocp.args.Composite(**args), force=True)
+        except Exception as e:  # noqa: BLE001 - a synchronous write failed: same report as an async one
+            self._pending = None
+            raise self._write_error(int(step), e) from e
+        if not self._async:
+            self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        """Waits for the save in flight; raises if it did not complete, else removes old steps."""
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        error = None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - reported below with the step it concerns
+            error = e
+        # orbax logs a failed async write and carries on; the step folder's presence is the truth.
+        self._manager.reload()
+        if step not in self._manager.all_steps():
+            raise self._write_error(step, error)
+        for old in self.all_steps()[:-self.max_to_keep]:
+            self._manager.delete(old)
+
+    def _write_error(self, step: int, error: BaseException | None) -> CheckpointWriteError:
+        self._manager.reload()
+        previous = self.latest_step()
+        reason = _first_line(error) if error is not None else "the write did not complete"
+        return CheckpointWriteError(
+            f"cannot write checkpoint {self.path(step)} ({reason}); the newest complete checkpoint is "
+            f"{'none' if previous is None else self.path(previous)}")
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -90,26 +183,45 @@ class Checkpointer:
     def restore_latest(self, abstract_state, *, data_iterator=None):
         """(step, state, meta) of the newest readable checkpoint, or None when there is none.
 
-        An unreadable checkpoint (truncated files, missing item) is skipped with a warning and the
-        previous one is tried; the data iterator is only touched by the one that succeeds.
+        An unreadable checkpoint (truncated files, missing item) is moved aside to `<step>.corrupt`
+        with a warning and the previous one is tried; the data iterator is only touched by the one
+        that succeeds.
         """
         for step in reversed(self.all_steps()):
+            error = None
             try:
                 state, meta = self.restore(step, abstract_state)
                 if data_iterator is not None:
                     self._manager.restore(step, args=ocp.args.Composite(
                         data=grain.checkpoint.CheckpointRestore(_IteratorRestorer(data_iterator))))
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
-                log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
-                            self.path(step), type(e).__name__, str(e).splitlines()[0][:300])
-                continue
-            return step, state, meta
+                error = e
+            if _on_every_process(error is None):
+                return step, state, meta
+            self._set_aside(step, error)
         return None
 
+    def _set_aside(self, step: int, error: BaseException | None) -> None:
+        """Renames an unreadable step folder to <step>.corrupt (-N when taken) and forgets it."""
+        if jax.process_index() == 0:
+            path = self.path(step)
+            target, n = path.with_name(f"{step}.corrupt"), 1
+            while target.exists():
+                target, n = path.with_name(f"{step}.corrupt-{n}"), n + 1
+            os.rename(path, target)
+            reason = _first_line(error) if error is not None else "unreadable on another process"
+            log.warning("checkpoint %s is unreadable (%s); moved to %s, trying the previous one",
+                        path, reason, target.name)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+        self._manager.reload()
+
     def wait(self) -> None:
-        """Blocks until the last async save is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until the last async save is on disk; raises CheckpointWriteError if it failed."""
+        self._finish_pending()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self._finish_pending()
+        finally:
+            self._manager.close()

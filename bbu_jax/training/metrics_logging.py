@@ -3,10 +3,16 @@
 Every loss is logged as sum / count accumulated over the steps of the logging interval (the
 step already summed over micro-batches and devices), so a term is weighted by its tokens or
 boxes, never averaged as a mean of means. Only the main process writes.
+
+A resumed run repeats the steps after its checkpoint: the logger starts by dropping what was
+logged past that step (metrics.jsonl rewritten atomically, TensorBoard events purged), so each
+step has one row, from the run that the checkpoints continue.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import pathlib
 from collections.abc import Mapping
@@ -15,7 +21,9 @@ import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
-from bbu_jax.foundation.files import write_json_atomic
+from bbu_jax.foundation.files import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 # Reported as interval totals rather than averages.
 SUMMED = frozenset({"skipped_steps"})
@@ -46,6 +54,31 @@ class SumCountAccumulator:
         return out
 
 
+def _drop_rows_after(path: pathlib.Path, step: int) -> None:
+    """Rewrites metrics.jsonl without its rows past `step` (and a line cut short by a killed run)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept, dropped, unreadable = [], 0, 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, TypeError, KeyError):
+            unreadable += 1
+            continue
+        if row_step > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped or unreadable:
+        write_text_atomic(path, "".join(x + "\n" for x in kept))
+        log.log(logging.WARNING if unreadable else logging.INFO,
+                "%s: dropped %d rows past step %d (run again from there)%s", path, dropped, step,
+                f" and {unreadable} unreadable lines" if unreadable else "")
+
+
 class RunLogger:
     """TensorBoard + metrics.jsonl + summary.json under workdir; inert on non-main processes."""
 
@@ -58,7 +91,8 @@ class RunLogger:
         self._bar = None
         if is_main:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(str(self.workdir / "tensorboard"))
+            _drop_rows_after(self.workdir / "metrics.jsonl", initial_step)
+            self._writer = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=initial_step + 1)
             self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
             self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
                                   desc="train")
@@ -105,8 +139,15 @@ class RunLogger:
             self._writer.flush()
 
     def write_summary(self, summary: Mapping) -> None:
-        if self.is_main:
+        """summary.json; on a full disk one error line instead (the run's outcome is in the log)."""
+        if not self.is_main:
+            return
+        try:
             write_json_atomic(self.workdir / "summary.json", dict(summary), indent=2, sort_keys=True)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.error("cannot write %s (%s)", self.workdir / "summary.json", e.strerror)
 
     def close(self) -> None:
         if self.is_main:

@@ -12,6 +12,11 @@ A task provides two functions (see task.py for the real one, tests for toy ones)
 The step receives A micro-batches stacked on a leading axis (A = grad_accum_steps). Counts are
 summed over all of them first, so summing per-micro-batch gradients gives exactly the gradient
 of the loss of the whole step (same for devices: the global batch is one jitted computation).
+
+The NaN guard: a step whose loss, gradient, new parameters or new optimizer state hold a
+non-finite value keeps the old state (only the step counter moves). Checking the result and not
+only its inputs matters: a finite gradient times an overflowing learning rate gives inf weights.
+So the state, and every checkpoint of it, only ever holds finite values.
 """
 from __future__ import annotations
 
@@ -59,6 +64,12 @@ def _scan_micro(fn, batch):
     return jax.lax.scan(body, out0, rest)[0]
 
 
+def all_finite(tree) -> jax.Array:
+    """True when no floating leaf of `tree` holds a NaN or an inf (exact: no sum that could overflow)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
+
+
 def train_step(state: State, batch: dict, *, loss_fn: LossFn, count_fn: CountFn,
                tx: optax.GradientTransformation, labels) -> tuple[State, dict[str, Metrics | jax.Array]]:
     counts = total_counts(count_fn, batch)
@@ -72,11 +83,12 @@ def train_step(state: State, batch: dict, *, loss_fn: LossFn, count_fn: CountFn,
     loss, metrics, grads = _scan_micro(micro, batch)
     grads_by_group = group_norms(grads, labels)
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grads_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Non-finite grads must not reach the optimizer state either: zero them, then keep the old state.
-    safe_grads = jax.tree_util.tree_map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+    safe_grads = jax.tree_util.tree_map(lambda g: jnp.where(grads_ok, g, jnp.zeros_like(g)), grads)
     updates, new_opt = tx.update(safe_grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
+    ok = grads_ok & all_finite((new_params, new_opt))
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     new_state = {
         "step": state["step"] + 1,
@@ -99,7 +111,8 @@ def train_step(state: State, batch: dict, *, loss_fn: LossFn, count_fn: CountFn,
     for g, v in group_norms(new_state["params"], labels).items():
         out[f"wn/{g}"] = (v, one)
     out["skipped_steps"] = ((~ok).astype(jnp.float32), one)
-    return new_state, {"metrics": out, "ok": ok, "nonfinite_streak": new_state["nonfinite_streak"]}
+    return new_state, {"metrics": out, "ok": ok, "grads_ok": grads_ok,
+                       "nonfinite_streak": new_state["nonfinite_streak"]}
 
 
 def jit_train_step(*, loss_fn: LossFn, count_fn: CountFn, tx: optax.GradientTransformation,

@@ -5,11 +5,15 @@ restoring casts to the model's float32 params, so storing bfloat16 is lossless f
 checkpoints and halves the conversion's memory), hf/ (the source's config.json, tokenizer and
 processor files, so an export needs nothing else) and bbu_jax.json (what this is, where it came
 from). convert_weights/hf_to_flax.py and flax_to_hf.py are the command lines over these functions.
+
+Every output folder is written atomically (foundation.files.atomic_dir): a non-empty one is replaced
+only with ``overwrite``, and never one that is, contains or lies inside the folder it is made from.
 """
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -18,7 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from bbu_jax.foundation.files import atomic_dir, copy_side_files, save_safetensors_shards
+from bbu_jax.foundation.files import atomic_dir, copy_side_files, prepare_out_dir, save_safetensors_shards
+from bbu_jax.models.detection_head import DetectionHead
 from bbu_jax.models.detection_head_files import save_detection_head
 from bbu_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, from_hf, to_hf_state_dict
 from bbu_jax.models.qwen2_5_vl.params import abstract_model
@@ -30,9 +35,10 @@ LOAD_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
-def save_params_checkpoint(model: nnx.Module, out: Path, hf_files_from: Path, source: str) -> Path:
+def save_params_checkpoint(model: nnx.Module, out: Path, hf_files_from: Path, source: str, *,
+                           overwrite: bool = False) -> Path:
     """Write ``model``'s params + the HF side files atomically to ``out``."""
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(out, overwrite=overwrite, sources=[hf_files_from]) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save((tmp / "params").absolute(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         ckptr.wait_until_finished()
@@ -43,14 +49,16 @@ def save_params_checkpoint(model: nnx.Module, out: Path, hf_files_from: Path, so
     return Path(out)
 
 
-def convert(hf_dir: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+def convert(hf_dir: str | Path, out: str | Path, dtype: str = "float32", *, overwrite: bool = False) -> Path:
+    """hf_to_flax: the HF folder ``hf_dir`` as a params checkpoint in ``out``."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir}: not a folder")
     if dtype not in LOAD_DTYPES:
         raise ValueError(f"dtype {dtype!r} not one of {sorted(LOAD_DTYPES)}")
+    prepare_out_dir(out, overwrite=overwrite, sources=[hf_dir])  # a refusal comes before the loading
     model = from_hf(hf_dir, dtype=LOAD_DTYPES[dtype])
-    return save_params_checkpoint(model, Path(out), hf_dir, source=str(hf_dir.absolute()))
+    return save_params_checkpoint(model, Path(out), hf_dir, source=str(hf_dir.absolute()), overwrite=overwrite)
 
 
 def load_params_checkpoint(checkpoint: str | Path) -> tuple[Qwen25VL, Path]:
@@ -72,28 +80,45 @@ def load_params_checkpoint(checkpoint: str | Path) -> tuple[Qwen25VL, Path]:
 
 
 def export(model: Qwen25VL, out: str | Path, base_hf_dir: str | Path, *, dtype: str = "float32",
-           max_shard_bytes: int | None = 5 * 2**30) -> Path:
-    """Write an HF folder for ``model`` with ``base_hf_dir``'s tokenizer and processor files."""
+           max_shard_bytes: int | None = 5 * 2**30, head: DetectionHead | None = None,
+           caption_vocab: np.ndarray | None = None, overwrite: bool = False,
+           sources: Sequence[str | Path] = ()) -> Path:
+    """Write an HF folder for ``model`` with ``base_hf_dir``'s tokenizer and processor files and,
+    given a ``head``, detection_head.safetensors + its config (architecture and caption vocabulary).
+
+    ``sources``: further folders the model was read from, protected like ``base_hf_dir``.
+    """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype {dtype!r} not one of {sorted(EXPORT_DTYPES)}")
     base = Path(base_hf_dir)
-    weights = to_hf_state_dict(model, layout="legacy", dtype=EXPORT_DTYPES[dtype])
-    config = model.config.to_hf_dict()
-    config["torch_dtype"] = dtype
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(out, overwrite=overwrite, sources=[base, *sources]) as tmp:
+        weights = to_hf_state_dict(model, layout="legacy", dtype=EXPORT_DTYPES[dtype])
         save_safetensors_shards(weights, tmp, max_shard_bytes)
         copied = copy_side_files(base, tmp)
         if "tokenizer_config.json" not in copied and "tokenizer.json" not in copied:
             raise FileNotFoundError(f"{base}: no tokenizer files to copy into the export")
+        config = model.config.to_hf_dict()
+        config["torch_dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        if head is not None:
+            save_detection_head(head, tmp, caption_vocab)
     return Path(out)
 
 
+def export_checkpoint(checkpoint: str | Path, out: str | Path, base_hf_dir: str | Path | None = None, *,
+                      dtype: str = "float32", max_shard_bytes: int | None = 5 * 2**30,
+                      overwrite: bool = False) -> Path:
+    """flax_to_hf: the params checkpoint ``checkpoint`` as an HF folder in ``out``, with the
+    tokenizer and processor files of ``base_hf_dir`` (default: the checkpoint's hf/)."""
+    sources = [checkpoint, *([base_hf_dir] if base_hf_dir is not None else [])]
+    prepare_out_dir(out, overwrite=overwrite, sources=sources)  # a refusal comes before the loading
+    model, hf_files = load_params_checkpoint(checkpoint)
+    return export(model, out, base_hf_dir or hf_files, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                  overwrite=overwrite, sources=[checkpoint])
+
+
 def export_trained(modules, out: str | Path, base_hf_dir: str | Path,
-                   caption_vocab: np.ndarray | None) -> Path:
-    """HF folder of a trained model (transformers loads it) plus, with a head,
-    detection_head.safetensors + its config (architecture and caption vocabulary)."""
-    out = export(modules["model"], out, base_hf_dir)
-    if "head" in modules:
-        save_detection_head(modules["head"], out, caption_vocab)
-    return out
+                   caption_vocab: np.ndarray | None, *, overwrite: bool) -> Path:
+    """HF folder of a trained model (transformers loads it) plus its detection head, if any."""
+    return export(modules["model"], out, base_hf_dir, head=modules.get("head"), caption_vocab=caption_vocab,
+                  overwrite=overwrite)

@@ -47,7 +47,7 @@ def caption_vocab(specs: Specs, encoder: SampleEncoder, workdir: pathlib.Path) -
     if path.exists():
         return load_caption_vocab(str(path))
     vocab = build_caption_vocab([p for p in (specs.data.train_jsonl, specs.data.teacher_pool_jsonl) if p],
-                                encoder.tokenizer)
+                                encoder.tokenizer, skip_bad_samples=specs.data.skip_bad_samples)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         save_caption_vocab(str(path), vocab)
@@ -214,7 +214,7 @@ def export_state(built: Built, params, out: pathlib.Path, base_hf_dir: str) -> p
     host = jax.device_get(replicated)
     if jax.process_index() != 0:
         return out
-    return export_trained(built.modules(host), out, base_hf_dir, built.caption_vocab)
+    return export_trained(built.modules(host), out, base_hf_dir, built.caption_vocab, overwrite=True)
 
 
 def test_forward_pass(specs: Specs) -> dict[str, float]:

@@ -113,11 +113,15 @@ class Qwen25VLConfig:
     def from_file(cls, path: str | Path) -> "Qwen25VLConfig":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: config.json not found")
+            if path.name == "config.json":
+                check_model_dir(path.parent)  # names the missing folder when that is what is missing
+            raise FileNotFoundError(f"{path}: not found")
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: not a model config (a JSON object expected)")
         return cls.from_hf_dict(d, source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -149,6 +153,23 @@ class Qwen25VLConfig:
                  vision_end_token_id=self.vision_end_token_id,
                  bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
         return d
+
+
+def check_model_dir(model_dir: str | Path, *, tokenizer: bool = False) -> Path:
+    """``model_dir`` as a Path when it is a local HF Qwen2.5-VL folder, else one line naming what is
+    missing. A path is never taken for a hub id: nothing is downloaded, so a mistyped folder fails
+    here at once instead of in transformers' hub lookup (or its unrelated "install sentencepiece"
+    when the folder is empty)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: no such folder (expected a local Hugging Face Qwen2.5-VL folder; "
+                                f"nothing is downloaded)")
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d}: config.json not found (not a Hugging Face model folder)")
+    if tokenizer and not ((d / "tokenizer.json").is_file()
+                          or ((d / "vocab.json").is_file() and (d / "merges.txt").is_file())):
+        raise FileNotFoundError(f"{d}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt)")
+    return d
 
 
 def _pick(cls, d: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from bbu_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from bbu_jax.models.qwen2_5_vl.config import Qwen25VLConfig, check_model_dir
 from bbu_jax.models.qwen2_5_vl.model import Qwen25VL
 
 STACKED = ("blocks", "layers")  # NNX module names whose params carry a leading layer axis
@@ -109,7 +109,7 @@ def from_hf(hf_dir: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh | Non
     (abstract model -> shardings from logical names -> device_put per tensor -> merge)."""
     from bbu_jax.foundation.sharding import param_shardings
 
-    hf_dir = Path(hf_dir)
+    hf_dir = check_model_dir(hf_dir)
     cfg = Qwen25VLConfig.from_file(hf_dir / "config.json")
     files = weight_files(hf_dir)
     layout = detect_layout(files)

@@ -1,11 +1,13 @@
 """Qwen2.5-VL's own input processing, on the host (numpy): one module for the model's contract.
 
 Images: identical to transformers' Qwen2VLImageProcessor (PIL backend). transformers picks the PIL
-backend (`Qwen2VLImageProcessorPil`) when torchvision is absent: RGB uint8 -> PIL bicubic resize to
-smart_resize(h, w) -> x * (1/255) in float64 then float32 -> (x - mean) / std -> patch rows. The
-torchvision backend resizes with antialiased bicubic on tensors and differs slightly, so we match
-the PIL one. Batches carry uint8 pixels in patch order (`image_pixels`); the vision tower maps them
-through `NORMALIZED` on the device.
+backend (`Qwen2VLImageProcessorPil`) when torchvision is absent: RGB uint8 (transparency composited
+on white, `to_rgb`) -> PIL bicubic resize to smart_resize(h, w) -> x * (1/255) in float64 then
+float32 -> (x - mean) / std -> patch rows. The torchvision backend resizes with antialiased bicubic
+on tensors and differs slightly, so we match the PIL one. Batches carry uint8 pixels in patch order
+(`image_pixels`); the vision tower maps them through `NORMALIZED` on the device. Every photo file
+is read with `load_image` (upright by its EXIF orientation, then `to_rgb`), so conversion,
+training, evaluation and pictures see the same pixels.
 
 Indices: everything data-dependent in the model -- M-RoPE positions, the vision tower's window
 permutation, 2D rotary positions, attention segment ids, where merged vision tokens land in the
@@ -18,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
 from jaxtyping import Float, Int, UInt8
-from PIL import Image
+from PIL import Image, ImageOps
 
 PATCH_SIZE = 14
 TEMPORAL_PATCH_SIZE = 2
@@ -57,9 +60,45 @@ def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int 
     return h_bar, w_bar
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB exactly as transformers' image processor makes it (``image_transforms.convert_to_rgb``):
+    an image with an "A" band or a transparency entry (RGBA, LA, PA, P/L/RGB with tRNS) is
+    composited on white; any other mode is PIL's ``convert("RGB")``. Dropping the alpha instead
+    would show the model whatever colour hides under the transparent pixels."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+    """A photo as people and transformers see it: upright, RGB (``to_rgb``).
+
+    A file or PIL image is turned by its EXIF orientation (``ImageOps.exif_transpose``): phones
+    store pixels sideways with an Orientation tag, and viewers, LabelMe (whose boxes are coordinates
+    of the turned view) and transformers' ``load_image`` all show the turned view. An (H, W) or
+    (H, W, 1|3|4) uint8 array is the image ``Image.fromarray`` makes of it (4 channels: RGBA), which
+    gives the processor's own conversion of such an array. Raises OSError or ValueError for a file
+    PIL cannot read or refuses to (over twice ``Image.MAX_IMAGE_PIXELS``)."""
+    if isinstance(source, np.ndarray):
+        if source.ndim == 3 and source.shape[2] == 1:
+            source = source[..., 0]
+        if source.dtype != np.uint8 or not (source.ndim == 2 or source.ndim == 3 and source.shape[2] in (3, 4)):
+            raise ValueError(f"an image array must be uint8 (H, W) or (H, W, 1|3|4), got {source.dtype} "
+                             f"{source.shape}")
+        return to_rgb(Image.fromarray(source))
+    if isinstance(source, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(source))
+    try:
+        with Image.open(source) as im:
+            return to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as e:  # not an OSError: callers would not count it as a bad image
+        raise ValueError(str(e)) from None
+
+
 def resize_image(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
-    """RGB image resized to its smart_resize size with PIL bicubic (what conversion stores)."""
-    image = image.convert("RGB")
+    """RGB image (``to_rgb``) resized to its smart_resize size with PIL bicubic (what conversion stores)."""
+    image = to_rgb(image)
     h, w = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
     return image.resize((w, h), resample=Image.BICUBIC)
 
