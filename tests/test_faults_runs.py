@@ -16,28 +16,14 @@ import pytest
 import training_toy as toy
 from training_driver import start, wait
 from bbu_jax.training import checkpointing, loop, metrics_logging
-from bbu_jax.training import optimizer as opt
 from bbu_jax.training import step as step_lib
-from bbu_jax.training import train_state
 
-LRS = dict(vision=1e-3, merger=2e-3, llm=1e-3, detection=4e-3, adapter=8e-3)
-
-
-def _setup(lrs):
-    """(make_state, jitted step, mesh) of the toy task on one device."""
-    _, params, _, loss_fn = toy.make_task(seed=0)
-    tx, _ = opt.make_optimizer(params, toy.optim_spec(lrs), total_steps=10)
-    mesh = toy.make_mesh(1, 1, 1)
-    shardings = train_state.state_shardings(train_state.abstract_state(params, tx, 0),
-                                            toy.param_shardings(params, mesh), mesh)
-    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=toy.count_fn, tx=tx,
-                                 labels=opt.group_labels(params), state_shardings=shardings, mesh=mesh)
-    return lambda: train_state.create_state(params, tx, 0, shardings), fn, mesh
+LRS = toy.LRS
 
 
 @pytest.fixture(scope="module")
 def toy_task():
-    return _setup(LRS)
+    return toy.train_setup(LRS)
 
 
 def _data():
@@ -75,7 +61,7 @@ def _abstract(state):
 def test_overflowing_update_is_skipped_and_never_saved(tmp_path, caplog):
     """llm_lr=1e39: loss and gradient are finite, the new weights are not. The step keeps the old
     state, the run stops as for NaN losses, and no checkpoint holds an inf."""
-    make, fn, mesh = _setup(dict(LRS, llm=1e39))
+    make, fn, mesh = toy.train_setup(dict(LRS, llm=1e39))
     initial = _leaves(make()["params"])
     state, out = fn(make(), toy.make_batch(0, accum=1))
     assert bool(out["grads_ok"]) and not bool(out["ok"])

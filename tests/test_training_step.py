@@ -8,28 +8,14 @@ import pytest
 
 import training_toy as toy
 from bbu_jax.training import checkpointing, loop, metrics_logging
-from bbu_jax.training import optimizer as opt
 from bbu_jax.training import step as step_lib
-from bbu_jax.training import train_state
 
-LRS = dict(vision=1e-3, merger=2e-3, llm=1e-3, detection=4e-3, adapter=8e-3)
-
-
-def _setup(mesh_shape, head_freeze_steps=0):
-    _, params, _, loss_fn = toy.make_task(seed=0)
-    tx, _ = opt.make_optimizer(params, toy.optim_spec(LRS, head_freeze_steps=head_freeze_steps), total_steps=10)
-    mesh = toy.make_mesh(*mesh_shape)
-    shardings = train_state.state_shardings(train_state.abstract_state(params, tx, 0),
-                                            toy.param_shardings(params, mesh), mesh)
-    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=toy.count_fn, tx=tx,
-                                 labels=opt.group_labels(params), state_shardings=shardings, mesh=mesh)
-    # A fresh state per call (the step donates its input state); compiled once per mesh.
-    return lambda: train_state.create_state(params, tx, 0, shardings), fn, mesh
+LRS = toy.LRS
 
 
 @pytest.fixture(scope="module")
 def single():
-    return _setup((1, 1, 1))
+    return toy.train_setup(LRS)
 
 
 def _run(state, fn, batches):
@@ -48,7 +34,7 @@ def test_sharded_step_matches_one_device(single):
     batches = [toy.make_batch(s, accum=2) for s in range(3)]
     make1, fn1, _ = single
     s1, l1 = _run(make1(), fn1, batches)
-    make8, fn8, _ = _setup((2, 2, 2))
+    make8, fn8, _ = toy.train_setup(LRS, (2, 2, 2))
     state8 = make8()
     assert len(state8["params"]["model"]["layer"]["kernel"].sharding.device_set) == 8
     s8, l8 = _run(state8, fn8, batches)

@@ -9,10 +9,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bbu_jax.training import optimizer as opt
+from bbu_jax.training import step as step_lib
 from bbu_jax.training import train_state
 from bbu_jax.training.optimizer import OptimSpec
 
 VOCAB, DIM, FEAT = 32, 16, 8
+LRS = dict(vision=1e-3, merger=2e-3, llm=1e-3, detection=4e-3, adapter=8e-3)  # every group trains
 
 
 def optim_spec(lrs, *, warmup_steps=1, min_lr_ratio=0.1, weight_decay=0.01, eps=1e-8, grad_clip_norm=1.0,
@@ -122,3 +125,16 @@ def make_mesh(data: int, fsdp: int, tensor: int):
     return jax.make_mesh((data, fsdp, tensor), ("data", "fsdp", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=jax.devices()[:data * fsdp * tensor])
+
+
+def train_setup(lrs, mesh_shape=(1, 1, 1), *, head_freeze_steps=0, total_steps=10):
+    """(make_state, jitted product train step, mesh) of the toy task: a fresh state per call (the
+    step donates its input state), the step compiled once per mesh."""
+    _, params, _, loss_fn = make_task(seed=0)
+    tx, _ = opt.make_optimizer(params, optim_spec(lrs, head_freeze_steps=head_freeze_steps), total_steps=total_steps)
+    mesh = make_mesh(*mesh_shape)
+    shardings = train_state.state_shardings(train_state.abstract_state(params, tx, 0),
+                                            param_shardings(params, mesh), mesh)
+    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=count_fn, tx=tx,
+                                 labels=opt.group_labels(params), state_shardings=shardings, mesh=mesh)
+    return lambda: train_state.create_state(params, tx, 0, shardings), fn, mesh
