@@ -14,12 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Two workers, one test file each at a time (module fixtures are built once); the slowest files
-# are named first so that neither worker waits for the other at the end.
-SLOW_TESTS := tests/test_workflow_train.py tests/test_training_processes.py tests/test_training_collectives.py
-
+# Two workers, one test file each at a time, so module fixtures are built once.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile $(SLOW_TESTS) tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
