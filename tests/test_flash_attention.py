@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bbu_jax.models.attention import attention
-from bbu_jax.models.flash_attention import segment_flash_attention, visible_block_ranges
+from bbu_jax.models.flash_attention import visible_block_ranges
 
 
 def _rel(a, b) -> float:
