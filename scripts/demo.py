@@ -84,12 +84,13 @@ def main(argv) -> int:
     from bbu_jax.workflows.config import build_specs
     specs = build_specs(_CONFIG.value, device_count=jax.device_count())
     demo_assets.prepare_assets(specs)
-    data_checks.check_data(specs, train.make_encoder(specs))
+    encoder = train.make_encoder(specs)  # one tokenizer load for the checks and the run
+    data_checks.check_data(specs, encoder)
     workdir = pathlib.Path(specs.run.workdir)
     if workdir.exists():
         print(f"removing the previous demo run {workdir}")
         shutil.rmtree(workdir)
-    result = train.train(specs)
+    result = train.train(specs, encoder)
     summary = json.loads((workdir / "summary.json").read_text())
     curve = _lm_loss_curve(workdir / "metrics.jsonl")
     print("\n=== bbu_jax demo ===")

@@ -76,7 +76,8 @@ def main(argv) -> int:
     try:
         specs = build_specs(c, device_count=jax.device_count())
         demo_assets.prepare_assets(specs)
-        data_checks.check_data(specs, train.make_encoder(specs))
+        encoder = train.make_encoder(specs)  # one tokenizer load for the checks and the run
+        data_checks.check_data(specs, encoder)
     except (ConfigError, ValueError, OSError) as e:
         print(e, file=sys.stderr)
         return 1
@@ -84,10 +85,10 @@ def main(argv) -> int:
         print(f"config OK ({jax.device_count()} devices)")
         return 0
     if _TEST_FORWARD.value:
-        train.test_forward_pass(specs)
+        train.test_forward_pass(specs, encoder)
         return 0
     from bbu_jax.training.loop import EXIT_STATUS
-    return EXIT_STATUS[train.train(specs).stop_reason]
+    return EXIT_STATUS[train.train(specs, encoder).stop_reason]
 
 
 if __name__ == "__main__":

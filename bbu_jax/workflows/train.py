@@ -123,8 +123,10 @@ def _count_lines(path: str) -> int:
 
 
 # ----------------------------------------------------------------------------- the run
-def train(specs: Specs, *, on_step=None, extra_eval: Evaluator | None = None) -> loop.LoopResult:
+def train(specs: Specs, encoder: SampleEncoder, *, on_step=None, extra_eval: Evaluator | None = None
+          ) -> loop.LoopResult:
     """The whole run; resumes from the newest readable checkpoint of the workdir when there is one.
+    ``encoder``: the run's one sample encoder (``make_encoder``), the one the data checks used.
 
     Every evaluation reports the val loss terms and, with the head, its COCO metrics and a picture
     grid. extra_eval(modules, step) -> {name: value}: more val metrics computed at every
@@ -138,7 +140,6 @@ def train(specs: Specs, *, on_step=None, extra_eval: Evaluator | None = None) ->
     mesh = sharding.make_mesh(specs.mesh.data, specs.mesh.fsdp, specs.mesh.tensor)
 
     # --- data ---
-    encoder = make_encoder(specs)
     vocab = caption_vocab(specs, encoder, workdir)
     data_it = train_iterator(specs, encoder)
     total_steps = specs.train_steps(_count_lines(specs.data.train_jsonl))
@@ -217,10 +218,9 @@ def export_state(built: Built, params, out: pathlib.Path, base_hf_dir: str) -> p
     return export_trained(built.modules(host), out, base_hf_dir, built.caption_vocab, overwrite=True)
 
 
-def test_forward_pass(specs: Specs) -> dict[str, float]:
+def test_forward_pass(specs: Specs, encoder: SampleEncoder) -> dict[str, float]:
     """One forward + loss on one train batch; prints each term (sum / count) and returns them."""
     mesh = sharding.make_mesh(specs.mesh.data, specs.mesh.fsdp, specs.mesh.tensor)
-    encoder = make_encoder(specs)
     vocab = caption_vocab(specs, encoder, pathlib.Path(specs.run.workdir))
     built = build(specs, mesh, vocab)
     params = jax.device_put(built.params, built.param_shardings)
