@@ -1,12 +1,23 @@
-"""Conversion cost at the 3B shape: HF safetensors -> bbu_jax params, against merely reading them.
+"""Loading and exporting the 3B's weights, against transformers and against moving the same bytes.
 
-    python benchmarks/convert_3b.py [--text_layers N] [--workdir DIR]
+    python benchmarks/convert_3b.py [--text_layers N] [--workdir DIR] [--repeats R]
 
-Writes (or reuses, in --workdir) a random checkpoint with Qwen2.5-VL-3B's shapes (bf16 on disk, sharded like the release;
-fewer text layers when memory is short), then runs each step in a fresh process so every peak
-RSS is its own: (1) read every tensor with safetensors, (2) from_hf (float32 params on the
-device), (3) hf_to_flax (from_hf + orbax save) storing bf16 and storing f32. A step that runs
-out of memory is reported as such. Last line: `convert_3b: hf_to_flax_bf16/read = RATIO`.
+Writes (or reuses, in --workdir) a random checkpoint with Qwen2.5-VL-3B's shapes (bf16 on disk, sharded like the
+release; fewer text layers when memory is short), then runs each step in a fresh process, so that every
+peak RSS is its own and no step finds another's memory or compiled code:
+
+- read: every tensor read with safetensors (the raw read);
+- transformers_f32 / transformers_bf16: ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` of the
+  same folder (local files only);
+- from_hf_f32 / from_hf_bf16: bbu_jax's ``from_hf`` (params on the device, float32 for training,
+  bfloat16 for inference);
+- hf_to_flax: from_hf + an orbax params checkpoint (float32, as training stores its params);
+- read_ckpt / restore: every file of that checkpoint read / ``load_params_checkpoint`` (orbax restore);
+- export / write: ``export`` of the restored model to an HF folder (bfloat16, as released) / writing
+  the same bytes from memory.
+
+With --repeats R each step runs R times (alternating with the others) and its fastest run counts.
+Last line: ``convert_3b: from_hf/transformers = RATIO`` (float32 params).
 """
 from __future__ import annotations
 
@@ -20,30 +31,49 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# step -> (untimed setup, timed code); HF, CKPT, OUT are the folders
 STEPS = {
-    "read": "from bbu_jax.models.qwen2_5_vl.params import weight_files\n"
-            "from safetensors import safe_open\n"
-            "files = weight_files(HF)\n"
-            "n = 0\n"
-            "for f in sorted(set(files.values())):\n"
-            "    with safe_open(f, 'numpy') as h:\n"
-            "        for k in h.keys(): n += h.get_tensor(k).nbytes\n",
-    "from_hf": "import jax\nfrom bbu_jax.models.qwen2_5_vl import from_hf\n"
-               "m = from_hf(HF)\njax.block_until_ready(m.language_model.norm.weight[...])\n",
-    "hf_to_flax_bf16": "from bbu_jax.workflows.export import convert\nconvert(HF, OUT, 'bfloat16', overwrite=True)\n",
-    "hf_to_flax_f32": "from bbu_jax.workflows.export import convert\nconvert(HF, OUT, 'float32', overwrite=True)\n",
+    "read": ("from bbu_jax.models.qwen2_5_vl.params import weight_files\nfrom safetensors import safe_open\n",
+             "for f in sorted(set(weight_files(HF).values())):\n"
+             "    with safe_open(f, 'numpy') as h:\n"
+             "        tensors = [h.get_tensor(k) for k in h.keys()]\n"
+             "    del tensors\n"),
+    "transformers_f32": ("import torch\nfrom transformers import Qwen2_5_VLForConditionalGeneration as M\n",
+                         "m = M.from_pretrained(HF, dtype=torch.float32, local_files_only=True)\n"),
+    "transformers_bf16": ("import torch\nfrom transformers import Qwen2_5_VLForConditionalGeneration as M\n",
+                          "m = M.from_pretrained(HF, dtype=torch.bfloat16, local_files_only=True)\n"),
+    "from_hf_f32": ("from bbu_jax.models.qwen2_5_vl import from_hf\n",
+                    "m = from_hf(HF)\njax.block_until_ready(nnx.state(m))\n"),
+    "from_hf_bf16": ("from bbu_jax.models.qwen2_5_vl import from_hf\n",
+                     "m = from_hf(HF, jnp.bfloat16)\njax.block_until_ready(nnx.state(m))\n"),
+    "hf_to_flax": ("from bbu_jax.workflows.export import convert\n",
+                   "convert(HF, CKPT, 'float32', overwrite=True)\n"),
+    "read_ckpt": ("files = sorted(p for p in (CKPT / 'params').rglob('*') if p.is_file())\n",
+                  "data = [p.read_bytes() for p in files]\n"),
+    "restore": ("from bbu_jax.workflows.export import load_params_checkpoint\n",
+                "m, _ = load_params_checkpoint(CKPT)\njax.block_until_ready(nnx.state(m))\n"),
+    "export": ("from bbu_jax.workflows.export import export, load_params_checkpoint\n"
+               "m, hf_files = load_params_checkpoint(CKPT)\njax.block_until_ready(nnx.state(m))\n",
+               "export(m, OUT, hf_files, dtype='bfloat16', overwrite=True)\n"),
+    "write": ("import shutil\nsrc = {p.name: p.read_bytes() for p in sorted((OUT.parent / 'export').iterdir())\n"
+              "       if p.suffix == '.safetensors'}\nshutil.rmtree(OUT, ignore_errors=True)\nOUT.mkdir()\n",
+              "for name, data in src.items():\n    (OUT / name).write_bytes(data)\n"),
 }
+# the step whose time each is measured against, for the printed ratios
+BASELINES = {"from_hf_f32": "transformers_f32", "from_hf_bf16": "read", "transformers_bf16": "read",
+             "restore": "read_ckpt", "export": "write"}
 
 
-def run_step(name: str, hf: Path, out: Path) -> tuple[float, float]:
-    """(seconds, peak RSS GiB) of one step in a fresh interpreter (imports excluded from time)."""
+def run_step(name: str, work: Path) -> tuple[float, float]:
+    """(seconds, peak RSS GiB) of one step in a fresh interpreter (imports and setup excluded from time)."""
+    setup, timed = STEPS[name]
     code = ("import time, json, resource\nfrom pathlib import Path\n"
-            f"HF, OUT = Path({str(hf)!r}), Path({str(out)!r})\n"
-            "import jax, flax, orbax.checkpoint, safetensors\n"
-            "t0 = time.perf_counter()\n" + STEPS[name] +
+            f"HF, CKPT, OUT = Path({str(work / 'hf')!r}), Path({str(work / 'ckpt')!r}), Path({str(work / name)!r})\n"
+            "import jax, jax.numpy as jnp, flax, orbax.checkpoint, safetensors\nfrom flax import nnx\n"
+            + setup + "t0 = time.perf_counter()\n" + timed +
             "print(json.dumps({'s': time.perf_counter() - t0, "
             "'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))\n")
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[1])
     if res.returncode == -9:  # the kernel's OOM killer
@@ -74,12 +104,17 @@ def write_checkpoint(hf: Path, text_layers: int) -> None:
 
 
 def main() -> None:
+    import jax
+    from flax import nnx
+
     from benchmarks._common import record
     from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig
+    from bbu_jax.models.qwen2_5_vl.params import abstract_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text_layers", type=int, default=None, help="default: the 3B's")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each step; the fastest counts")
     args = parser.parse_args()
     text_layers = args.text_layers or Qwen25VLConfig().text.num_hidden_layers
     work = Path(args.workdir or tempfile.mkdtemp(prefix="convert_3b_"))
@@ -87,14 +122,24 @@ def main() -> None:
     if not (hf / "config.json").is_file():
         write_checkpoint(hf, text_layers)
     disk = sum(f.stat().st_size for f in hf.glob("*.safetensors")) / 2**30
-    print(f"3B-shape checkpoint: {text_layers} text layers, {disk:.2f} GiB bf16")
-    rows = {name: run_step(name, hf, work / name) for name in STEPS}
-    print(f"{'step':<16}{'seconds':>10}{'peak RSS GiB':>14}")
+    params = sum(v.size * 4 for v in jax.tree.leaves(nnx.state(abstract_model(Qwen25VLConfig.from_file(
+        hf / "config.json")), nnx.Param))) / 2**30
+    print(f"3B-shape checkpoint: {text_layers} text layers, {disk:.2f} GiB bf16; "
+          f"float32 params {params:.2f} GiB")
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in STEPS}
+    for _ in range(args.repeats):
+        for name in STEPS:
+            runs[name].append(run_step(name, work))
+    rows = {name: (min(r[0] for r in rs), max(r[1] for r in rs)) for name, rs in runs.items()}
+    print(f"{'step':<18}{'seconds':>10}{'peak RSS GiB':>14}  vs")
     for name, (s, rss) in rows.items():
-        print(f"{name:<16}{s:>10.1f}{rss:>14.2f}" + ("   (killed: out of memory)" if s != s else ""))
-    ratio = rows["hf_to_flax_bf16"][0] / rows["read"][0]
-    record("convert_3b", f"convert_3b: hf_to_flax_bf16/read = {ratio:.1f}", text_layers=text_layers,
-           checkpoint_gib=disk, **{f"{k}_s": v[0] for k, v in rows.items()},
+        base = BASELINES.get(name)
+        vs = f"  {s / rows[base][0]:.2f}x {base}" if base else ""
+        print(f"{name:<18}{s:>10.1f}{rss:>14.2f}{vs}" + ("   (killed: out of memory)" if s != s else ""))
+    ratio = rows["from_hf_f32"][0] / rows["transformers_f32"][0]
+    record("convert_3b", f"convert_3b: from_hf/transformers = {ratio:.2f}", text_layers=text_layers,
+           checkpoint_gib=disk, params_f32_gib=params, repeats=args.repeats,
+           **{f"{k}_s": v[0] for k, v in rows.items()},
            **{f"{k}_peak_rss_gib": v[1] for k, v in rows.items()})
 
 

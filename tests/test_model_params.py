@@ -163,3 +163,78 @@ def test_remat_gradients_equal(tiny_hf_dir, model):
                                    err_msg=str(path))
     q = np.asarray(g0["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"].get_value())
     assert np.isfinite(q).all() and np.abs(q).max() > 0
+
+
+def test_bf16_weights_load_bit_exact(tmp_path):
+    """A bf16 checkpoint: bf16 params hold the stored bits, f32 params their exact widening, and both
+    export back to the same bytes (sharded files, transposed kernels, the patch embedding)."""
+    from bbu_jax.workflows.tiny_model import write_tiny_qwen2_5_vl
+
+    d = write_tiny_qwen2_5_vl(tmp_path / "bf16", seed=3, weights_dtype=jnp.bfloat16, max_shard_bytes=50_000)
+    ref = hf_tensors(d)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        out = to_hf_state_dict(from_hf(d, dtype=dtype), dtype=jnp.bfloat16)
+        assert set(out) == set(ref)
+        for k in ref:
+            assert out[k].dtype == ref[k].dtype and out[k].shape == ref[k].shape, k
+            np.testing.assert_array_equal(out[k].view(np.uint16), ref[k].view(np.uint16), err_msg=k)
+    m = from_hf(d)
+    np.testing.assert_array_equal(np.asarray(m.embed_table()), ref["model.embed_tokens.weight"].astype(np.float32))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")  # NaNs, in the pool's threads
+@pytest.mark.parametrize("src, dst", [("bfloat16", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16"),
+                                      ("float16", "bfloat16"), ("float32", "float32")])
+def test_host_casts_match_astype_bit_for_bit(src, dst):
+    """Every bfloat16 / float16 bit pattern (NaNs aside), transposed on the way as a kernel is."""
+    from bbu_jax.models.qwen2_5_vl import params
+
+    src, dst = np.dtype(getattr(jnp, src)), np.dtype(getattr(jnp, dst))
+    if src.itemsize == 2:
+        x = np.arange(2**16, dtype=np.uint16).view(src).reshape(512, 128)
+    else:
+        x = np.random.default_rng(0).integers(0, 2**32, (512, 128), dtype=np.uint32).view(np.float32)
+    got = np.empty((128, 512), dst)
+    with params.ThreadPoolExecutor(2) as pool:
+        want = x.T.astype(np.float32).astype(dst)
+        params._copy_into(x, got, True, pool)
+    nan = np.isnan(want.astype(np.float32))
+    bits = f"u{dst.itemsize}"
+    np.testing.assert_array_equal(got.view(bits)[~nan], want.view(bits)[~nan])
+    assert np.isnan(got.astype(np.float32)[nan]).all()
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 20_000])
+def test_from_hf_under_a_mesh_puts_only_shards_on_each_device(tiny_hf_dir, model, monkeypatch, chunk_bytes):
+    """8 fake CPU devices: every device holds only its shard of each param (a piece of the sharded
+    ones, never the whole), equal to the unsharded model's, also when stacks go in chunks of layers."""
+    import jax
+
+    from bbu_jax.foundation import sharding
+    from bbu_jax.models.qwen2_5_vl import params
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    if chunk_bytes:
+        monkeypatch.setattr(params, "LOAD_CHUNK_BYTES", chunk_bytes)
+    mesh = sharding.make_mesh(2, 2, 2, jax.devices()[:8])
+    sharded = from_hf(tiny_hf_dir, mesh=mesh)
+    want = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    split = 0
+    for path, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param)):
+        value = var.get_value()
+        assert len(value.addressable_shards) == 8, path
+        for shard in value.addressable_shards:
+            assert shard.data.shape == value.sharding.shard_shape(value.shape), path
+        split += not value.sharding.is_fully_replicated
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(want[path].get_value()), err_msg=str(path))
+    assert split > 10
+
+
+def test_truncated_weights_fail_naming_the_tensor(tiny_hf_dir, tmp_path):
+    d = tmp_path / "cut"
+    shutil.copytree(tiny_hf_dir, d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor '.+' .* \(truncated file\?\)"):
+        from_hf(d)

@@ -1,4 +1,5 @@
-"""Atomic writes of files and folders; the files of an HF model folder (safetensors shards, side files).
+"""Atomic writes of files and folders; the files of an HF model folder (safetensors shards read and
+written, side files).
 
 A reader, or a run restarted after a crash, sees either the old file or the complete new one, never
 half of one: every write goes to a hidden temporary beside the target, which os.replace() then
@@ -9,9 +10,12 @@ writer's temporary folder is removed by the next writer of the same folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
+import math
+import mmap
 import os
 import re
 import shutil
@@ -21,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -58,6 +63,73 @@ def save_safetensors_shards(weights: dict[str, np.ndarray], folder: Path,
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# safetensors dtype codes (the header's "dtype") -> numpy
+SAFETENSORS_DTYPES = {
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "I16": np.dtype(np.int16),
+    "I32": np.dtype(np.int32), "I64": np.dtype(np.int64), "BOOL": np.dtype(bool),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file (``map_tensor`` maps its bytes)."""
+    file: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # of its first byte in the file
+    nbytes: int
+
+
+def safetensors_tensors(path: str | os.PathLike) -> dict[str, StoredTensor]:
+    """The tensors of a safetensors file by key, from its header (an 8-byte little-endian length,
+    then JSON: dtype, shape and byte range of each tensor). Every range is checked against the
+    file's size, so a truncated file fails here, naming the tensor, rather than in the middle of a load."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise ValueError(f"{path}: not a safetensors file (header of {n} bytes in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a safetensors file (header: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    tensors = {}
+    for key, entry in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {key!r} has an unreadable header entry {entry!r}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if begin < 0 or end - begin != nbytes or 8 + n + end > size:
+            raise ValueError(f"{path}: tensor {key!r} ({entry['dtype']} {list(shape)}) does not fit its bytes "
+                             f"{begin}..{end} of a {size - 8 - n}-byte data section (truncated file?)")
+        tensors[key] = StoredTensor(path, dtype, shape, 8 + n + begin, nbytes)
+    return tensors
+
+
+def map_tensor(tensor: StoredTensor) -> np.ndarray:
+    """``tensor`` as a read-only array over its pages of the file, mapped (and populated from the
+    page cache in one call) for as long as the array lives.
+
+    A caller that converts or transposes reads the file's bytes once, in that pass, rather than
+    copying them into a buffer first; unmapping each tensor once used keeps the resident size to
+    one tensor, where a map of the whole file would count every page read until the end."""
+    start = tensor.offset - tensor.offset % mmap.ALLOCATIONGRANULARITY
+    with open(tensor.file, "rb") as f:
+        if tensor.nbytes == 0:
+            return np.empty(tensor.shape, tensor.dtype)
+        mapped = mmap.mmap(f.fileno(), tensor.offset + tensor.nbytes - start, offset=start, prot=mmap.PROT_READ,
+                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    return np.frombuffer(mapped, tensor.dtype, math.prod(tensor.shape), tensor.offset - start).reshape(tensor.shape)
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -231,6 +303,14 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, **json_kwargs: Any) -> 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Sequence[Any]) -> None:
     """One ``json_text`` line per row, all or nothing."""
     write_text_atomic(path, "".join(json_text(r) + "\n" for r in rows))
+
+
+def check_new_output(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """``check_writable``, and refusing a file that exists unless ``overwrite`` (the user's file)."""
+    path = check_writable(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    return path
 
 
 def check_writable(path: str | os.PathLike) -> Path:

@@ -9,14 +9,21 @@ checkpoints: ``model.layers.*``, ``visual.*``) and "v5" (transformers 5: ``model
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
+import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bbu_jax.foundation.files import StoredTensor, map_tensor, safetensors_tensors
 
 from bbu_jax.models.qwen2_5_vl.config import Qwen25VLConfig, check_model_dir
 from bbu_jax.models.qwen2_5_vl.model import Qwen25VL
@@ -53,22 +60,6 @@ def _is_stacked(path) -> bool:
     return any(str(p) in STACKED for p in path)
 
 
-def _to_nnx(path, tensor: np.ndarray) -> np.ndarray:
-    if str(path[-1]) != "kernel":
-        return tensor
-    if tuple(map(str, path[:2])) == ("visual", "patch_embed"):
-        return tensor.reshape(tensor.shape[0], -1).T
-    return tensor.T
-
-
-def _to_hf(path, value: np.ndarray, hf_shape: tuple[int, ...] | None = None) -> np.ndarray:
-    if str(path[-1]) != "kernel":
-        return value
-    if tuple(map(str, path[:2])) == ("visual", "patch_embed"):
-        return value.T.reshape(hf_shape)
-    return value.T
-
-
 def _patch_embed_shape(cfg: Qwen25VLConfig) -> tuple[int, ...]:
     v = cfg.vision
     return (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
@@ -89,8 +80,7 @@ def weight_files(hf_dir: Path) -> dict[str, Path]:
             raise FileNotFoundError(f"{index} names missing files: {missing}")
         return files
     if single.is_file():
-        with safe_open(single, framework="numpy") as f:
-            return {k: single for k in f.keys()}
+        return dict.fromkeys(safetensors_tensors(single), single)
     raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -105,48 +95,160 @@ def abstract_model(cfg: Qwen25VLConfig, dtype=jnp.float32, **model_kw) -> Qwen25
 def from_hf(hf_dir: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, *,
             compute_dtype=jnp.float32, attention_impl: str = "xla", remat: str = "none",
             scan_layers: bool = True) -> Qwen25VL:
-    """Load an HF Qwen2.5-VL folder. With ``mesh``, every tensor goes straight to its sharding
-    (abstract model -> shardings from logical names -> device_put per tensor -> merge)."""
+    """Load an HF Qwen2.5-VL folder, params in ``dtype``. With ``mesh``, every param goes straight
+    to its sharding (abstract model -> shardings from logical names -> each device receives only its
+    shard of each tensor -> merge).
+
+    One param at a time, each file's bytes read once (``_load_param``), no compile per
+    tensor: on one CPU device memory beyond the params is one mapped tensor, elsewhere at most
+    ``LOAD_CHUNK_BYTES`` more."""
     from bbu_jax.foundation.sharding import param_shardings
 
     hf_dir = check_model_dir(hf_dir)
     cfg = Qwen25VLConfig.from_file(hf_dir / "config.json")
     files = weight_files(hf_dir)
     layout = detect_layout(files)
+    stored = stored_tensors(files)
     graphdef, abs_state = nnx.split(abstract_model(cfg, dtype, compute_dtype=compute_dtype,
                                                    attention_impl=attention_impl, remat=remat,
                                                    scan_layers=scan_layers))
     shardings = None if mesh is None else nnx.to_flat_state(param_shardings(abs_state, mesh))
     shardings = None if shardings is None else {p: v.get_value() for p, v in shardings}
-    handles: dict[Path, object] = {}
     used: set[str] = set()
 
-    def read(key: str, expected: tuple[int, ...]) -> np.ndarray:
-        if key not in files:
+    def tensor(key: str, expected: tuple[int, ...]) -> StoredTensor:
+        if key not in stored:
             raise KeyError(f"{hf_dir}: missing tensor {key!r}")
-        f = handles.get(files[key]) or handles.setdefault(files[key], safe_open(files[key], framework="numpy"))
-        t = f.get_tensor(key)
-        if tuple(t.shape) != tuple(expected):
-            raise ValueError(f"{files[key]}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(expected)}")
+        t = stored[key]
+        if t.shape != tuple(expected):
+            raise ValueError(f"{t.file}: tensor {key!r} has shape {t.shape}, expected {tuple(expected)}")
         used.add(key)
         return t
 
     flat = []
-    for path, var in nnx.to_flat_state(abs_state):
-        shape = tuple(var.shape)
-        per_layer = shape[1:] if _is_stacked(path) else shape
-        hf_shape = _hf_shape(cfg, path, per_layer)
-        if _is_stacked(path):
-            value = np.stack([_to_nnx(path, read(hf_key(path, i, layout), hf_shape)) for i in range(shape[0])])
-        else:
-            value = _to_nnx(path, read(hf_key(path, None, layout), hf_shape))
-        value = value.astype(np.float32).astype(var.dtype) if value.dtype != var.dtype else value
-        value = jax.device_put(value, shardings[path]) if shardings is not None else jnp.asarray(value)
-        flat.append((path, var.replace(value)))
+    with ThreadPoolExecutor(_THREADS) as pool:
+        for path, var in nnx.to_flat_state(abs_state):
+            shape = tuple(var.shape)
+            stacked = _is_stacked(path)
+            hf_shape = _hf_shape(cfg, path, shape[1:] if stacked else shape)
+            keys = [hf_key(path, i, layout) for i in range(shape[0])] if stacked else [hf_key(path, None, layout)]
+            value = _load_param(_kind(path), [tensor(k, hf_shape) for k in keys], stacked, shape,
+                                np.dtype(var.dtype), None if shardings is None else shardings[path], pool)
+            flat.append((path, var.replace(value)))
     unknown = sorted(set(files) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if unknown:
         raise KeyError(f"{hf_dir}: unexpected tensors {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def stored_tensors(files: dict[str, Path]) -> dict[str, StoredTensor]:
+    """Where each tensor of ``weight_files`` lies (each file's header read once)."""
+    out = {}
+    for file in sorted(set(files.values())):
+        out.update((k, t) for k, t in safetensors_tensors(file).items() if files.get(k) == file)
+    return out
+
+
+# Beyond the params, host memory holds at most this much of a param being placed on devices that
+# cannot take its host buffer as it is (a mesh, an accelerator): larger stacks go in chunks of layers.
+LOAD_CHUNK_BYTES = 1 << 30
+# Rows of a stored matrix transposed per step: the cache lines of their columns stay hot while each
+# is written out, where a whole-matrix transpose would read every element from a new line.
+_ROWS = 64
+_BF16 = np.dtype(jnp.bfloat16)
+_PARALLEL_BYTES = 1 << 20  # smaller tensors are copied by the calling thread
+# threads that copy a tensor's rows; beyond a few, memory bandwidth rather than cores is the limit
+_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _kind(path) -> str | None:
+    """How a param's HF tensor is laid out differently: a torch Linear weight, the Conv3d patch embedding, or not."""
+    if str(path[-1]) != "kernel":
+        return None
+    return "patch_embed" if tuple(map(str, path[:2])) == ("visual", "patch_embed") else "linear"
+
+
+def _host_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised host array on fresh pages of its own, freed with it: page-aligned, so XLA's
+    CPU client takes it as it is, and of ordinary pages (what torch's allocator gets), where numpy
+    asks for huge ones for a large array, which a kernel short of free 2 MiB blocks (a VM's, often)
+    first compacts memory for, at several times the cost of the faults saved."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype).reshape(shape)
+
+
+def _copy_cast(src: np.ndarray, dst: np.ndarray) -> None:
+    """``dst[...] = src`` in dst's dtype, bit for bit what ``astype`` gives: bfloat16 -> float32 as
+    the bit shift it is and equal dtypes as plain integers (numpy's loops for the bfloat16 extension
+    type are several times slower); other pairs through float32, as any cast to bfloat16 is."""
+    if src.dtype == dst.dtype:
+        bits = f"u{src.dtype.itemsize}"
+        np.copyto(dst.view(bits), src.view(bits))
+    elif src.dtype == _BF16 and dst.dtype == np.float32:
+        np.left_shift(src.view(np.uint16), 16, out=dst.view(np.uint32), dtype=np.uint32)
+    elif np.float32 in (src.dtype, dst.dtype):
+        np.copyto(dst, src, casting="unsafe")
+    else:
+        np.copyto(dst, src.astype(np.float32), casting="unsafe")
+
+
+def _copy_into(src: np.ndarray, dst: np.ndarray, transpose: bool, pool: ThreadPoolExecutor) -> None:
+    """``dst[...] = src`` (``src.T`` with ``transpose``, both matrices) in dst's dtype, the rows of
+    ``src`` split between the pool's threads (numpy lets go of the GIL inside each copy)."""
+    if src.ndim == 0:
+        _copy_cast(src, dst)
+        return
+    step = len(src) if src.nbytes < _PARALLEL_BYTES else -(-len(src) // _THREADS // _ROWS) * _ROWS
+
+    def part(lo: int, hi: int) -> None:
+        if not transpose:
+            _copy_cast(src[lo:hi], dst[lo:hi])
+            return
+        for r in range(lo, hi, _ROWS):
+            _copy_cast(src[r:min(r + _ROWS, hi)].T, dst[:, r:min(r + _ROWS, hi)])
+
+    for done in [pool.submit(part, lo, min(lo + step, len(src))) for lo in range(0, len(src), step)]:
+        done.result()
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_layers(out: jax.Array, layers: jax.Array, start) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(out, layers, start, axis=0)
+
+
+def _load_param(kind: str | None, tensors: list[StoredTensor], stacked: bool, shape: tuple[int, ...],
+                dtype: np.dtype, sharding: NamedSharding | None, pool: ThreadPoolExecutor) -> jax.Array:
+    """One param from its stored tensors (one per layer when ``stacked``), on ``sharding`` (None:
+    the default device).
+
+    Each tensor is read from its mapped pages straight into the param's layout and dtype in an
+    aligned host buffer: on a single CPU device that buffer becomes the param (no copy); elsewhere
+    each device receives its shards of it, a chunk of layers at a time."""
+
+    def host(chunk: list[StoredTensor]) -> np.ndarray:
+        buf = _host_empty((len(chunk), *shape[1:]) if stacked else shape, dtype)
+        for i, t in enumerate(chunk):
+            src = map_tensor(t)  # a Linear weight (out, in) -> (in, out); the patch embedding flattened first
+            _copy_into(src.reshape(len(src), -1) if kind else src, buf[i] if stacked else buf, kind is not None, pool)
+        return buf
+
+    # device_put is asynchronous: waiting frees the host buffer before the next one is filled
+    if (sharding is None and jax.default_backend() == "cpu") or not stacked:
+        return jax.block_until_ready(jax.device_put(host(tensors), sharding))
+    per_layer = tensors[0].nbytes + math.prod(shape[1:]) * dtype.itemsize
+    step = max(1, LOAD_CHUNK_BYTES // per_layer)
+    if step >= len(tensors):
+        return jax.block_until_ready(jax.device_put(host(tensors), sharding))
+    out = jnp.zeros(shape, dtype, device=sharding)
+    # a chunk's layer count need not divide the mesh axis the whole stack is split over, if any
+    chunk_sharding = None if sharding is None else NamedSharding(
+        sharding.mesh, PartitionSpec(None, *tuple(sharding.spec)[1:]))
+    for start in range(0, len(tensors), step):
+        chunk = jax.device_put(host(tensors[start:start + step]), chunk_sharding)
+        out = jax.block_until_ready(_put_layers(out, chunk, start))
+    return out
 
 
 def _hf_shape(cfg: Qwen25VLConfig, path, nnx_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -158,17 +260,20 @@ def _hf_shape(cfg: Qwen25VLConfig, path, nnx_shape: tuple[int, ...]) -> tuple[in
 
 
 def to_hf_state_dict(model: Qwen25VL, layout: str = "legacy", dtype=np.float32) -> dict[str, np.ndarray]:
-    """HF state dict (numpy, ``dtype``) in the given key layout; no lm_head when embeddings are tied."""
+    """HF state dict (numpy, ``dtype``) in the given key layout; no lm_head when embeddings are tied.
+    Each param is fetched once and each HF tensor written in one pass, transposed and cast."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
+    dtype = np.dtype(dtype)
     out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = np.asarray(jax.device_get(var.get_value()), np.float32)
-        per_layer = value.shape[1:] if _is_stacked(path) else value.shape
-        hf_shape = _hf_shape(model.config, path, per_layer)
-        if _is_stacked(path):
-            for i in range(value.shape[0]):
-                out[hf_key(path, i, layout)] = _to_hf(path, value[i], hf_shape).astype(dtype)
-        else:
-            out[hf_key(path, None, layout)] = _to_hf(path, value, hf_shape).astype(dtype)
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    with ThreadPoolExecutor(_THREADS) as pool:
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+            value = np.asarray(jax.device_get(var.get_value()))
+            kind, stacked = _kind(path), _is_stacked(path)
+            hf_shape = _hf_shape(model.config, path, value.shape[1:] if stacked else value.shape)
+            for i in range(value.shape[0]) if stacked else [None]:
+                dst = _host_empty(hf_shape, dtype)
+                _copy_into(value if i is None else value[i], dst.reshape(len(dst), -1) if kind else dst,
+                           kind is not None, pool)
+                out[hf_key(path, i, layout)] = dst
+    return out
