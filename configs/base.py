@@ -53,9 +53,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.workers = 4
     c.data.check_budgets_on_start = True  # encode every train record once: fail early if one cannot fit
     c.data.batch_rows = 8  # rows per optimizer micro-step, global over all devices and hosts
-    c.data.token_budget = 8192  # L
-    c.data.patch_budget = 16384  # P (multiple of 4)
-    c.data.segments_per_row = 4  # S (1 for the standard collator)
+    # Every token and patch slot of a row costs the step the same, padding or not, so the patch
+    # budget and segments per row must match the data: plan them for these rows and this token
+    # budget with `python scripts/plan_budgets.py --config configs/base.py` (it draws samples as
+    # training does and prints the budgets and the fill they give) and copy them here; re-plan
+    # when the data, pixel limits, teacher settings or tokenizer change. The values below are
+    # planned on field-like synthetic photos (benchmarks/packing.py, RESULTS.md "packing").
+    c.data.token_budget = 8192  # L: memory and attention cost per row; the other budgets follow it
+    c.data.patch_budget = 12992  # P (multiple of 4)
+    c.data.segments_per_row = 5  # S (1 for the standard collator)
+    # Samples the packer chooses rows from, held encoded in each worker: more fill gaps better
+    # but cost memory (each holds its patches) and re-encoding on resume.
+    c.data.pack_buffer = 256
     c.data.max_objects = 64  # M per sample
     c.data.caption_tokens = 24  # C per object, incl. the end token
     c.data.vision_memory_tokens = 2048  # NV per segment
@@ -123,6 +132,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 500  # 0 = only at the end
     c.eval.num_batches = 16  # 0 = the whole val set
+    # val records also answered by generation at each evaluation (val/generate/*): -1 all, 0 none
+    c.eval.generate_samples = 32
+    c.eval.generate_max_new_tokens = 1024
 
     # --- checkpoints ---
     c.checkpoint = ml_collections.ConfigDict()

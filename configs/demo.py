@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.token_budget = 1024
     c.data.patch_budget = 1024  # two samples with a demonstration each
     c.data.segments_per_row = 2
+    c.data.pack_buffer = 16
     c.data.max_objects = 8
     c.data.caption_tokens = 24
     c.data.vision_memory_tokens = 64
@@ -69,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.eval.every = 400
     c.eval.num_batches = 0
+    c.eval.generate_samples = -1  # the whole val set
+    c.eval.generate_max_new_tokens = 384  # a synthetic scene's answer is well under this
 
     c.checkpoint.every = 400
     c.checkpoint.keep = 2

@@ -1,10 +1,10 @@
-"""Budgets, first-fit row packing and collation into the fixed-shape batch of batch.py.
+"""Budgets, best-fit row packing and collation into the fixed-shape batch of batch.py.
 
-A row holds whole samples (segments 1..S); a sample is never split. `Packer` places samples
-first-fit into the B rows of the batch being built (token, patch and segment budgets); the
-standard collator is the same packer with one sample per row, so both give identical shapes.
-A sample that fits no budget even alone is reported by `budget_problem` (the pipeline raises or
-skips-and-counts it): nothing is ever truncated.
+A row holds whole samples (segments 1..S); a sample is never split. `pack_rows` chooses from a
+buffer of samples which ones fill the B rows of the batch being built (token, patch and segment
+budgets); the standard collator is the same packer with one sample per row, so both give
+identical shapes. A sample that fits no budget even alone is reported by `budget_problem` (the
+pipeline raises or skips-and-counts it): nothing is ever truncated.
 """
 from __future__ import annotations
 
@@ -51,29 +51,44 @@ def budget_problem(s: EncodedSample, b: Budgets) -> str | None:
     return f"{s.meta['source']}: sample fits no row ({', '.join(bad)})" if bad else None
 
 
-class Packer:
-    """First-fit of whole samples into `rows` rows (tokens, patches, segments per row)."""
+def pack_rows(sizes: np.ndarray, *, rows: int, tokens: int, patches: int, segments: int) -> list[list[int]]:
+    """Which buffered samples fill the `rows` rows of one batch: per row, positions into `sizes`.
 
-    def __init__(self, budgets: Budgets, segments_per_row: int):
-        self.b = budgets
-        self.max_segments = min(segments_per_row, budgets.segments)
-        self.rows: list[list[EncodedSample]] = [[] for _ in range(budgets.rows)]
-        self.tokens = [0] * budgets.rows
-        self.patches = [0] * budgets.rows
-
-    def add(self, s: EncodedSample) -> bool:
-        for r in range(self.b.rows):
-            if (len(self.rows[r]) < self.max_segments and self.tokens[r] + s.num_tokens <= self.b.tokens
-                    and self.patches[r] + s.num_patches <= self.b.patches):
-                self.rows[r].append(s)
-                self.tokens[r] += s.num_tokens
-                self.patches[r] += s.num_patches
-                return True
-        return False
-
-    @property
-    def empty(self) -> bool:
-        return not any(self.rows)
+    sizes: (K, 2) (tokens, patches) of the buffered samples, oldest first; each fits a row alone
+    (budget_problem). Every row starts with the oldest sample not yet placed, so no sample waits
+    more than about K / rows batches. While a sample fits, the row then takes the one that, with
+    the best single sample after it, fills most of the row (best fit with a one-sample lookahead:
+    plain best fit closes rows on gaps that two smaller samples would fill). Fill counts both
+    budgets, each as a share of the row (t / L + p / P), in integers so the choice is exact
+    everywhere. With one segment per row the rows simply take the oldest samples in order.
+    """
+    sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+    value = sizes[:, 0] * patches + sizes[:, 1] * tokens
+    free = np.ones(len(sizes), bool)
+    out = []
+    for _ in range(rows):
+        left = np.flatnonzero(free)
+        if not len(left):
+            break
+        row = [int(left[0])]
+        free[left[0]] = False
+        room = np.array([tokens, patches], np.int64) - sizes[left[0]]
+        while len(row) < segments:
+            cand = np.flatnonzero(free & (sizes <= room).all(1))
+            if not len(cand):
+                break
+            score = value[cand]
+            if len(row) + 1 < segments:  # room for one more after this one: add the best follower
+                t, p = sizes[cand, 0], sizes[cand, 1]
+                fits = (t[None, :] <= (room[0] - t)[:, None]) & (p[None, :] <= (room[1] - p)[:, None])
+                np.fill_diagonal(fits, False)
+                score = score + (fits * score[None, :]).max(1)
+            pick = int(cand[int(np.argmax(score))])  # ties: the oldest
+            row.append(pick)
+            free[pick] = False
+            room -= sizes[pick]
+        out.append(row)
+    return out
 
 
 def empty_batch(b: Budgets) -> dict[str, np.ndarray]:
@@ -147,6 +162,19 @@ def collate(rows: Sequence[Sequence[EncodedSample]], b: Budgets) -> tuple[dict[s
     return out, metas
 
 
+# fill name -> the field whose non-zero entries are real work (0 marks padding)
+FILLS = {"token_fill": "segment_ids", "patch_fill": "patch_image_ids"}
+
+
+def fill_counts(batch: dict[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+    """(real, all) token and patch slots of a batch (any leading axes), as the training log's
+    sum/count pairs: train/token_fill and train/patch_fill over a logging interval. A batch
+    without those fields (a test's toy task) has no fill."""
+    return {name: (int((np.asarray(batch[key]) > 0).sum()), np.asarray(batch[key]).size)
+            for name, key in FILLS.items() if key in batch}
+
+
 def fill_rate(batch: dict[str, np.ndarray]) -> tuple[float, float]:
     """Fraction of non-padding tokens and patches."""
-    return float((batch["segment_ids"] > 0).mean()), float((batch["patch_image_ids"] > 0).mean())
+    (t, tn), (p, pn) = fill_counts(batch).values()
+    return t / tn, p / pn

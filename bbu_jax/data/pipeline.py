@@ -3,16 +3,18 @@
 Train stream (per host shard): record indices -> seeded shuffle, reshuffled each epoch, repeated
 forever -> `random_map` that samples teachers and encodes (grain seeds it per element, so element
 k of the stream is a pure function of (seed, k)) -> `PackedBatchDataset`, our batch-level
-first-fit packer -> optional `mp_prefetch` workers (each packs every num_workers-th element).
+best-fit packer -> optional `mp_prefetch` workers (each packs every num_workers-th element).
 
-Packing: each batch starts with the samples carried over from the previous one, then draws new
-samples into its B rows first-fit (token, patch and segment budgets) until `lookahead` samples
-did not fit; those are carried to the next batch (the oldest first, so none starves). Because a
-stream element is a pure function of its index, the iterator state is tiny and exact:
-{"next": next stream index, "carry": carried indices, "skipped": count}. Restoring it (directly,
-or through grain's checkpoint handler / orbax, also with workers) replays the same batches.
-Batches are identical for the same (seed, num_workers, budgets); a different worker count
-changes which samples share a batch.
+Packing: the packer holds a buffer of `buffer` samples (stream order); each batch tops it up
+from the stream, then `collate.pack_rows` fills the B rows from it (each row starts with the
+oldest sample, so none starves) and the samples left wait in the buffer for the next batch. A
+buffer of a few hundred samples leaves the rows almost no gap that no sample fits (see
+benchmarks/packing.py). Because a stream element is a pure function of its index, the iterator
+state stays small and exact: {"next": next stream index, "carry": buffered indices, "skipped":
+count}. Restoring it (directly, or through grain's checkpoint handler / orbax, also with
+workers) replays the same batches; the buffered samples are encoded again. Batches are
+identical for the same (seed, num_workers, budgets, buffer); a different worker count changes
+which samples share a batch.
 
 Bad samples (unreadable image, bad box, a sample that fits no budget) raise ValueError naming
 FILE:LINE, or are skipped, logged and counted when skip_bad_samples.
@@ -33,9 +35,10 @@ import grain
 from absl import flags
 import numpy as np
 
-from bbu_jax.data.collate import Budgets, Packer, budget_problem, collate
+from bbu_jax.data.collate import Budgets, budget_problem, collate, pack_rows
 from bbu_jax.data.encode import EncodedSample, SampleEncoder, choose_teachers
 from bbu_jax.data.schema import Example, Record, RecordError, load_records
+from bbu_jax.models.qwen2_5_vl.processing import ImageInput
 
 log = logging.getLogger(__name__)
 COLLATORS = ("packed", "standard")
@@ -60,13 +63,15 @@ class EncodeRecord:
 
 
 class PackedBatchDataset(grain.IterDataset):
-    """Batches of whole samples packed first-fit from a random-access stream (see module doc)."""
+    """Batches of whole samples packed best-fit from a random-access stream (see module doc)."""
 
     def __init__(self, stream: grain.MapDataset, budgets: Budgets, *, segments_per_row: int,
-                 lookahead: int, skip_bad_samples: bool, with_meta: bool, epoch_size: int):
+                 buffer: int, skip_bad_samples: bool, with_meta: bool, epoch_size: int):
         super().__init__(stream)
         self.epoch_size = epoch_size  # a whole epoch of skipped samples in a row means no good data
-        self.budgets, self.segments_per_row, self.lookahead = budgets, segments_per_row, lookahead
+        self.budgets = budgets
+        self.buffer = max(buffer, budgets.rows)  # fewer would leave rows empty while samples wait
+        self.segments_per_row = min(segments_per_row, budgets.segments)
         self.skip_bad_samples, self.with_meta = skip_bad_samples, with_meta
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
@@ -104,25 +109,23 @@ class PackedBatchIterator(grain.DatasetIterator):
         return self._cache[index]
 
     def __next__(self):
-        ds = self._ds
-        packer = Packer(ds.budgets, ds.segments_per_row)
-        carry = []
-        for index in self._carry:
-            if not packer.add(self._get(index)):
-                carry.append(index)
-        while len(carry) < ds.lookahead and self._next < len(self._stream):
+        ds, b = self._ds, self._ds.budgets
+        # encoded again after a restore (a file that went bad since is skipped or raises as any)
+        buffered = [i for i in self._carry if self._get(i) is not None]
+        while len(buffered) < ds.buffer and self._next < len(self._stream):
             index = self._next
             self._next += 1
-            sample = self._get(index)
-            if sample is None:
-                continue
-            if not packer.add(sample):
-                carry.append(index)
-        if packer.empty:
+            if self._get(index) is not None:
+                buffered.append(index)
+        if not buffered:
             raise StopIteration
-        self._cache = {i: self._cache[i] for i in carry}
-        self._carry = carry
-        batch, metas = collate(packer.rows, ds.budgets)
+        samples = [self._cache[i] for i in buffered]
+        sizes = np.array([(s.num_tokens, s.num_patches) for s in samples], np.int64)
+        rows = pack_rows(sizes, rows=b.rows, tokens=b.tokens, patches=b.patches, segments=ds.segments_per_row)
+        placed = {k for row in rows for k in row}
+        self._carry = [i for k, i in enumerate(buffered) if k not in placed]
+        self._cache = {i: self._cache[i] for i in self._carry}
+        batch, metas = collate([[samples[k] for k in row] for row in rows], b)
         return (batch, metas) if ds.with_meta else batch
 
     def get_state(self) -> dict[str, Any]:
@@ -172,6 +175,7 @@ class DataSpec:
     token_budget: int
     patch_budget: int
     segments_per_row: int
+    pack_buffer: int  # samples the packed collator chooses rows from (held encoded, per worker)
     max_objects: int
     caption_tokens: int
     vision_memory_tokens: int
@@ -187,23 +191,31 @@ class DataSpec:
         return self.segments_per_row if self.collator == "packed" else 1
 
 
-def make_train_iterator(spec: DataSpec, encoder: SampleEncoder, *, seed: int, lookahead: int = 8,
-                        shard_index: int = 0, shard_count: int = 1) -> grain.DatasetIterator:
-    """Endless training batches for this host's shard (records shard_index::shard_count; its
-    spec.batch_rows // shard_count rows per batch)."""
-    if spec.collator not in COLLATORS:
-        raise ValueError(f"collator must be one of {COLLATORS}, got {spec.collator!r}")
+def train_stream(spec: DataSpec, encoder: SampleEncoder, *, seed: int, shard_index: int = 0,
+                 shard_count: int = 1) -> tuple[grain.MapDataset, int]:
+    """(this host's endless stream of encoded samples (EncodedSample, or the error string of a bad
+    one) in training order with the run's teacher sampling, records per epoch)."""
     records = _load(spec.train_jsonl, spec.skip_bad_samples)[shard_index::shard_count]
     if not records:
         raise ValueError(f"{spec.train_jsonl}: no records for shard {shard_index}/{shard_count}")
     pool = [r.student for r in _load(spec.teacher_pool_jsonl or None, spec.skip_bad_samples)]
     stream = _stream(records, pool, encoder, teacher_ratio=spec.teacher_ratio, max_teachers=spec.max_teachers,
                      seed=seed, shuffle=True, repeat=True)
+    return stream, len(records)
+
+
+def make_train_iterator(spec: DataSpec, encoder: SampleEncoder, *, seed: int, shard_index: int = 0,
+                        shard_count: int = 1) -> grain.DatasetIterator:
+    """Endless training batches for this host's shard (records shard_index::shard_count; its
+    spec.batch_rows // shard_count rows per batch)."""
+    if spec.collator not in COLLATORS:
+        raise ValueError(f"collator must be one of {COLLATORS}, got {spec.collator!r}")
+    stream, epoch_size = train_stream(spec, encoder, seed=seed, shard_index=shard_index, shard_count=shard_count)
     budgets = spec.budgets(rows=spec.batch_rows // shard_count, segments=spec.segments_per_row)
     packed = spec.collator == "packed"
     ds = PackedBatchDataset(stream, budgets, segments_per_row=spec.samples_per_row(),
-                            lookahead=lookahead if packed else 1,
-                            skip_bad_samples=spec.skip_bad_samples, with_meta=False, epoch_size=len(records))
+                            buffer=spec.pack_buffer if packed else budgets.rows,
+                            skip_bad_samples=spec.skip_bad_samples, with_meta=False, epoch_size=epoch_size)
     if spec.workers > 0:
         if not flags.FLAGS.is_parsed():  # grain workers read absl flags; outside absl.app nobody parsed them
             flags.FLAGS.mark_as_parsed()
@@ -213,20 +225,22 @@ def make_train_iterator(spec: DataSpec, encoder: SampleEncoder, *, seed: int, lo
 
 def make_eval_batches(jsonl: str, encoder: SampleEncoder, budgets: Budgets, *,
                       teacher_pool: str | None = None, teacher_ratio: float = 0.0, max_teachers: int = 0,
-                      seed: int = 0, skip_bad_samples: bool = False
+                      seed: int = 0, skip_bad_samples: bool = False, max_samples: int | None = None
                       ) -> Iterator[tuple[dict[str, np.ndarray], list[list[dict]]]]:
-    """One deterministic pass, file order, one sample per row: (batch, metas) pairs."""
-    records = _load(jsonl, skip_bad_samples)
+    """One deterministic pass, file order, one sample per row: (batch, metas) pairs, of the first
+    ``max_samples`` usable records (default: all)."""
+    records = _load(jsonl, skip_bad_samples)[:max_samples]
     pool = [r.student for r in _load(teacher_pool, skip_bad_samples)]
     stream = _stream(records, pool, encoder, teacher_ratio=teacher_ratio, max_teachers=max_teachers,
                      seed=seed, shuffle=False, repeat=False)
-    return iter(PackedBatchDataset(stream, budgets, segments_per_row=1, lookahead=1,
+    return iter(PackedBatchDataset(stream, budgets, segments_per_row=1, buffer=budgets.rows,
                                    skip_bad_samples=skip_bad_samples, with_meta=True,
                                    epoch_size=max(1, len(records))))
 
 
-def build_inference_inputs(encoder: SampleEncoder, student_images: Sequence[str],
-                           teachers: Sequence[Example] = ()) -> tuple[dict[str, np.ndarray], dict]:
+def build_inference_inputs(encoder: SampleEncoder, student_images: Sequence[ImageInput],
+                           teachers: Sequence[Example] = (), *, source: str = "<inference>"
+                           ) -> tuple[dict[str, np.ndarray], dict]:
     """Model inputs for ONE student (+ demonstrations), ending in the generation prompt.
 
     Returns (batch, info): batch has the batch.FIELDS layout with B=1, S=1 and budgets equal to
@@ -234,7 +248,7 @@ def build_inference_inputs(encoder: SampleEncoder, student_images: Sequence[str]
     decoding adds to positions) and the student's resized/stored image sizes.
     """
     student = Example(tuple(student_images), ())
-    s = encoder.encode(student, teachers, source="<inference>", record_id="<inference>", with_answer=False)
+    s = encoder.encode(student, teachers, source=source, record_id=source, with_answer=False)
     b = Budgets(rows=1, tokens=s.num_tokens, patches=max(4, s.num_patches), segments=1, objects=1,
                 caption_tokens=1, vision_memory=max(1, len(s.det_vision_index)),
                 text_memory=max(1, len(s.det_text_index)))

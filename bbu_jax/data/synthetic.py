@@ -8,6 +8,9 @@ the blue connector, a disconnected one a gap; a readable label has black text ba
 unreadable one faint smudges on grey; a connected power socket has a red plug, an empty one shows
 its three holes. A BBU chassis (light grey, green LEDs) may span a band behind the parts.
 Labels are written in zh; `DESC_TYPES` (and desc_map.json next to the data) give the en wording.
+
+`write_field_dataset` makes a different kind of data, for measuring the loader rather than
+training: flat pictures with the pixel sizes and object counts of field photos.
 """
 from __future__ import annotations
 
@@ -169,14 +172,78 @@ def write_labelme_dataset(output_dir: str, num_images: int, seed: int, scale: in
             w, h = w * scale, h * scale
             img = img.resize((w, h), Image.Resampling.BICUBIC)
             objects = [(tuple(v * scale for v in b), desc) for b, desc in objects]
-        stem = f"bbu_{seed}_{i:05d}"
-        with atomic_path(os.path.join(output_dir, stem + ".jpg")) as tmp:
-            img.save(tmp, format="JPEG", quality=95)
-        shapes = [{"label": desc, "points": [[b[0], b[1]], [b[2], b[3]]], "group_id": None,
-                   "shape_type": "rectangle", "flags": {}} for b, desc in objects]
-        ann = {"version": "5.0.1", "flags": {}, "shapes": shapes, "imagePath": stem + ".jpg",
-               "imageData": None, "imageHeight": h, "imageWidth": w}
-        write_json_atomic(os.path.join(output_dir, stem + ".json"), ann, indent=1)
-        stems.append(stem)
+        stems.append(_write_labelme(output_dir, f"bbu_{seed}_{i:05d}", img, objects, quality=95))
+    write_json_atomic(os.path.join(output_dir, "desc_map.json"), DESC_TYPES, indent=1)
+    return stems
+
+
+def _write_labelme(output_dir: str, stem: str, img: Image.Image, objects, quality: int) -> str:
+    """{stem}.jpg + {stem}.json (LabelMe 5, one rectangle per object); returns the stem."""
+    with atomic_path(os.path.join(output_dir, stem + ".jpg")) as tmp:
+        img.save(tmp, format="JPEG", quality=quality)
+    shapes = [{"label": desc, "points": [[b[0], b[1]], [b[2], b[3]]], "group_id": None,
+               "shape_type": "rectangle", "flags": {}} for b, desc in objects]
+    ann = {"version": "5.0.1", "flags": {}, "shapes": shapes, "imagePath": stem + ".jpg",
+           "imageData": None, "imageHeight": img.height, "imageWidth": img.width}
+    write_json_atomic(os.path.join(output_dir, stem + ".json"), ann, indent=1)
+    return stem
+
+
+# Field photos as the phones on site take them: (aspect w:h, share). The rest are small photos
+# (thumbnails, crops, old phones) of random size below max_pixels.
+FIELD_ASPECTS = ((3 / 4, 0.45), (4 / 3, 0.25), (9 / 16, 0.15))
+FIELD_SMALL_SHARE = 0.15
+FIELD_LONG_SIDE = 1280  # above every aspect's max_pixels side at the base limits: conversion resizes
+
+
+def _field_objects(rng: np.random.Generator) -> int:
+    """Objects per photo: 2..45, long-tailed (most photos show a handful of parts, a few a whole
+    cabinet of screws and cables)."""
+    return int(min(45, 2 + np.floor(rng.lognormal(np.log(7), 0.8))))
+
+
+def generate_field_photo(rng: np.random.Generator, width: int, height: int
+                         ) -> tuple[Image.Image, list[tuple[tuple[int, int, int, int], str]]]:
+    """A phone photo of a BBU site for packing studies: what matters there is its pixel size and
+    its object count, so the picture is flat (a wall, a cabinet, outlined parts) and fast to make."""
+    img = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(90, 200, 3)))
+    d = ImageDraw.Draw(img)
+    d.rectangle([width * .1, height * .08, width * .9, height * .92], fill=(48, 50, 56))  # the cabinet
+    objects = []
+    for _ in range(_field_objects(rng)):
+        desc = _PARTS[int(rng.integers(len(_PARTS)))] if rng.random() > 0.05 else _BBU
+        bw = int(width * rng.uniform(.04, .3 if desc != _BBU else .8))
+        bh = int(height * rng.uniform(.03, .25 if desc != _BBU else .4))
+        x1, y1 = int(rng.integers(0, width - bw)), int(rng.integers(0, height - bh))
+        b = (x1, y1, x1 + bw, y1 + bh)
+        d.rectangle(b, outline=tuple(int(v) for v in rng.integers(0, 256, 3)), width=3)
+        objects.append((b, desc))
+    return img, objects
+
+
+def field_photo_size(rng: np.random.Generator) -> tuple[int, int]:
+    """(width, height) of one field photo: a phone aspect at full size, or a small one."""
+    u = rng.random()
+    for aspect, share in FIELD_ASPECTS:
+        if u < share:
+            long = FIELD_LONG_SIDE
+            return (long, int(long / aspect)) if aspect > 1 else (int(long * aspect), long)
+        u -= share
+    short = int(rng.integers(240, 520))
+    return (short, int(short * 4 / 3)) if rng.random() < 0.7 else (int(short * 4 / 3), short)
+
+
+def write_field_dataset(output_dir: str, num_images: int, seed: int) -> list[str]:
+    """Write `num_images` field-like photos as LabelMe data (+ desc_map.json), for measuring how
+    the loader packs real data: phone aspects (3:4, 4:3, 9:16) larger than the base pixel limits,
+    some small photos, 2..45 objects per photo with long-tailed counts, three-level zh descs.
+    The demo's rack scenes (write_labelme_dataset) are far smaller and emptier than this."""
+    os.makedirs(output_dir, exist_ok=True)
+    stems = []
+    for i in range(num_images):
+        rng = np.random.default_rng([seed, i, 1])
+        w, h = field_photo_size(rng)
+        img, objects = generate_field_photo(rng, w, h)
+        stems.append(_write_labelme(output_dir, f"field_{seed}_{i:05d}", img, objects, quality=85))
     write_json_atomic(os.path.join(output_dir, "desc_map.json"), DESC_TYPES, indent=1)
     return stems

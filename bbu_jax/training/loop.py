@@ -18,6 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from bbu_jax.data.collate import fill_counts
 from bbu_jax.training.checkpointing import Checkpointer, CheckpointWriteError
 from bbu_jax.training.metrics_logging import RunLogger
 
@@ -180,6 +181,7 @@ def train_loop(spec: LoopSpec, *, state, train_step: Callable, batches: Iterator
                 stopping = requested and ahead is None and step < total_steps
                 out = jax.device_get(out)
                 logger.train.add(out["metrics"])
+                logger.train.add(fill_counts(host))  # train/token_fill, train/patch_fill
                 now = time.perf_counter()
                 interval_time += now - t_last
                 t_last = now
