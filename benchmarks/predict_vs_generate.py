@@ -1,11 +1,11 @@
 """predict_detection (one forward + the head) against generating the JSON answer, same images.
 
-    python benchmarks/predict_vs_generate.py --checkpoint demo_out/run/hf_export \
-        --data demo_out/data/val.jsonl [--num_images 8] [--max_new_tokens 384] [--config configs/demo.py]
+    python benchmarks/predict_vs_generate.py --model demo_out/run/hf_export \
+        --data demo_out/data/val.jsonl [--num_images 8] [--max_new_tokens 384]
 
-Both paths load the same export, compile once (a warm-up call), then are timed over the same
-batch of images, encoded with the pixel limits and language of the config the export was trained
-with; generation runs to max_new_tokens or <|im_end|>, as a user would run it.
+Both paths use the same Predictor (the export's own settings: pixel limits, language), compile
+once (a warm-up call), then are timed over the same batch of images; generation runs to
+max_new_tokens or <|im_end|> without demonstrations, as a user would run it.
 Last line: `predict_vs_generate: predict/generate = RATIO` (latency ratio).
 """
 from __future__ import annotations
@@ -19,33 +19,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    from benchmarks._common import ROOT, record, run_specs
-    from bbu_jax.data.encode import SampleEncoder
+    from benchmarks._common import record
     from bbu_jax.data.schema import load_records
+    from bbu_jax.inference import Predictor
     from bbu_jax.inference.answers import generate_answers
-    from bbu_jax.inference.predict import predict_detection
-    from bbu_jax.models.detection_head_files import load_detection_head
-    from bbu_jax.models.qwen2_5_vl import from_hf
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--model", required=True, help="export folder, run folder or checkpoint step")
     p.add_argument("--data", required=True)
     p.add_argument("--num_images", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=384)
-    p.add_argument("--config", default=str(ROOT / "configs" / "demo.py"), help="the run that made the export")
     args = p.parse_args()
-    data = run_specs(args.config).data
 
-    model = from_hf(args.checkpoint)
-    head, vocab = load_detection_head(args.checkpoint)
-    encoder = SampleEncoder(args.checkpoint, min_pixels=data.min_pixels, max_pixels=data.max_pixels,
-                            language=data.language)
+    predictor = Predictor.from_pretrained(args.model)  # the settings the model was trained with
+    model, encoder = predictor.model, predictor.encoder
     records = load_records(args.data)[0][:args.num_images]
     images = [r.student.images[0] for r in records]
     n = len(images)
 
     def predict():
-        return predict_detection(model, head, images, encoder=encoder, caption_vocab=vocab, batch_size=n)
+        return predictor.detect(images, batch_size=n)
 
     def generate():
         answers, _ = generate_answers(model, encoder, records, num_teachers=0, max_new_tokens=args.max_new_tokens,

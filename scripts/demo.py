@@ -1,10 +1,11 @@
 """`make demo`: the whole pipeline on CPU in minutes, from nothing.
 
 Creates the tiny model and the synthetic dataset (configs/demo.py), trains the LM and the
-detection head together, evaluates on val (losses, the head's COCO mAP), checkpoints, exports to
-HF, then loads the export back, generates JSON answers for a few val images, parses them, draws
-ground truth vs the head's boxes, and prints where everything is. Each run starts a fresh run
-folder (the model and data are reused).
+detection head together, evaluates on val (losses, the head's COCO mAP, generated answers scored
+against the ground truth), checkpoints, exports to HF, then loads the export back with `Predictor`
+(no settings given: they travel with the export), draws ground truth vs the head's boxes, answers
+one val image, and prints where everything is. Each run starts a fresh run folder (the model and
+data are reused).
 
   python scripts/demo.py [--config.run.num_train_steps=40 ...]
 """
@@ -23,14 +24,11 @@ from bbu_jax.foundation.host_memory import keep_freed_memory  # noqa: E402
 
 keep_freed_memory()  # before jax starts its threads (the demo trains on the CPU)
 
-from absl import app, logging as absl_logging  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "demo.py"), "demo config",
                                           lock_config=True)
-
-
-MAX_NEW_TOKENS = 384  # a synthetic scene's answer is well under this with the tiny tokenizer
 
 
 def _lm_loss_curve(metrics_jsonl: pathlib.Path) -> list[tuple[int, float]]:
@@ -39,38 +37,24 @@ def _lm_loss_curve(metrics_jsonl: pathlib.Path) -> list[tuple[int, float]]:
 
 
 def check_export(specs, hf_export: pathlib.Path, out: pathlib.Path, num_samples: int) -> dict:
-    """Reload the HF export, generate answers for the first val records, parse them, and draw the
-    head's detections next to the ground truth (PNGs in ``out``)."""
-    from bbu_jax.data.encode import SampleEncoder
+    """Load the HF export back as a user would (Predictor, no settings given), draw the head's
+    detections next to the ground truth for the first val records (PNGs in ``out``) and answer
+    the first one by generation."""
     from bbu_jax.data.schema import load_records
-    from bbu_jax.evaluation.metrics import generate_metrics
     from bbu_jax.evaluation.visualize import VisualRecord, write_visualizations
-    from bbu_jax.inference.answers import generate_answers
-    from bbu_jax.inference.predict import predict_detection
-    from bbu_jax.models.qwen2_5_vl import from_hf
-    from bbu_jax.models.detection_head_files import check_detection_head, load_detection_head
+    from bbu_jax.inference import Predictor
+    from bbu_jax.inference.answers import truth
 
-    model = from_hf(hf_export)
-    head, vocab = load_detection_head(hf_export)
-    check_detection_head(hf_export)
-    d = specs.data
-    encoder = SampleEncoder(str(hf_export), min_pixels=d.min_pixels, max_pixels=d.max_pixels, language=d.language)
-    records = load_records(d.val_jsonl)[0][:num_samples]
-    answers, _ = generate_answers(model, encoder, records, num_teachers=0, max_new_tokens=MAX_NEW_TOKENS,
-                                  batch_size=num_samples, progress=False)
-    report = generate_metrics([a.gt for a in answers], [a.pred for a in answers], [a.status for a in answers])
-    dets = predict_detection(model, head, [r.student.images[0] for r in records], encoder=encoder,
-                             caption_vocab=vocab, score_threshold=0.3, batch_size=num_samples)
-    pictures, _ = write_visualizations(
-        [VisualRecord(r.student.images[0], [{"bbox_2d": list(o.bbox), "desc": o.desc} for o in r.student.objects],
-                      [{"bbox_2d": b.tolist(), "desc": t, "score": float(sc)}
-                       for b, sc, t in zip(d.boxes, d.scores, d.captions)], r.source)
-         for r, d in zip(records, dets)], out, panel_size=384)
-    print("\n--- generated answer for", records[0].source, "---\n" + answers[0].response[:400])
-    from bbu_jax.inference.parser import OK
-    return {"answers": len(answers), "complete_json": sum(a.status.code == OK for a in answers),
-            "objects": sum(len(a.pred) for a in answers),
-            "sheet": [p for p in pictures if "contact_sheet" in p][0], **report}
+    predictor = Predictor.from_pretrained(hf_export)
+    records = load_records(specs.data.val_jsonl)[0][:num_samples]
+    images = [r.student.images[0] for r in records]
+    detections = predictor.detect(images, score_threshold=0.3, batch_size=num_samples)
+    pictures, _ = write_visualizations([VisualRecord(image, truth(r), dets, r.source)
+                                        for image, r, dets in zip(images, records, detections)],
+                                       out, panel_size=384)
+    answer = predictor.generate(images[:1], max_new_tokens=specs.eval.generate_max_new_tokens)[0]
+    print("\n--- generated answer for", records[0].source, "---\n" + answer["text"][:400])
+    return {"sheet": [p for p in pictures if "contact_sheet" in p][0], "parse_status": answer["parse_status"]}
 
 
 def main(argv) -> int:
@@ -98,16 +82,13 @@ def main(argv) -> int:
     if curve:
         print(f"train/lm_loss: step {curve[0][0]} {curve[0][1]:.3f} -> step {curve[-1][0]} {curve[-1][1]:.3f}")
     for k in ("val/lm_loss", "val/student_lm_loss", "val/bbox_l1_loss", "val/bbox_giou_loss",
-              "val/objectness_loss", "val/caption_loss", "val/matched_iou", "val/mAP", "val/mAP50",
-              "val/head/AR100", "val/head/caption_accuracy"):
+              "val/objectness_loss", "val/caption_loss", "val/matched_iou", "val/head/box_AP50",
+              "val/head/type_mAP50", "val/head/caption_accuracy", "val/generate/complete_json",
+              "val/generate/precision", "val/generate/recall", "val/generate/f1"):
         if k in summary:
             print(f"{k:28s} {summary[k]:.4f}")
     if summary.get("hf_export"):
         check = check_export(specs, pathlib.Path(summary["hf_export"]), workdir / "pictures", num_samples=8)
-        print(f"generated answers: {check['complete_json']}/{check['answers']} complete JSON, "
-              f"{check['objects']} valid objects ({check['parse_failures']} without JSON); "
-              f"generate/f1 {check['generate/f1']:.3f}, precision {check['generate/precision']:.3f}, "
-              f"recall {check['generate/recall']:.3f}")
         print(f"pictures         {check['sheet']}")
     print(f"tiny model       {pathlib.Path(specs.model.hf_dir).absolute()}")
     print(f"data             {pathlib.Path(specs.data.train_jsonl).absolute().parent}")
@@ -122,8 +103,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    from bbu_jax.workflows.config import unknown_overrides
-    if problems := unknown_overrides(sys.argv[1:]):
-        print("\n".join(problems), file=sys.stderr)
-        sys.exit(1)
-    app.run(lambda argv: sys.exit(main(argv)))
+    from bbu_jax.workflows.config import run_config_script
+    run_config_script(main, required=False)

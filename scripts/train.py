@@ -34,7 +34,7 @@ from bbu_jax.foundation.host_memory import keep_freed_memory  # noqa: E402
 
 keep_freed_memory()  # before jax starts its threads
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
@@ -92,9 +92,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    from bbu_jax.workflows.config import unknown_overrides
-    if problems := unknown_overrides(sys.argv[1:]):
-        print("\n".join(problems), file=sys.stderr)
-        sys.exit(1)
-    flags.mark_flag_as_required("config")
-    app.run(lambda argv: sys.exit(main(argv)))
+    from bbu_jax.workflows.config import run_config_script
+    run_config_script(main)

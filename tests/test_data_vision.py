@@ -53,7 +53,10 @@ def test_auto_image_processor_is_the_pil_backend(tiny_hf_dir):
     """Documents which backend we match: without torchvision AutoImageProcessor gives the PIL one."""
     from transformers import AutoImageProcessor
 
-    proc = AutoImageProcessor.from_pretrained(tiny_hf_dir)
+    try:
+        proc = AutoImageProcessor.from_pretrained(tiny_hf_dir)
+    except ImportError as e:  # releases (e.g. transformers 5.17) whose AutoImageProcessor needs torchvision
+        pytest.skip(f"AutoImageProcessor has no PIL backend in this transformers: {str(e).splitlines()[0]}")
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 260, 3), dtype=np.uint8))
     ref = proc(images=[img], return_tensors="np")
     rows, grid = preprocess_image(img, proc.min_pixels if hasattr(proc, "min_pixels") else 3136,

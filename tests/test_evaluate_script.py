@@ -1,4 +1,5 @@
 """scripts/evaluate.py on an export folder (HF files + detection head), and the head's files."""
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -13,6 +14,9 @@ from bbu_jax.data import convert, synthetic
 from bbu_jax.data.encode import SampleEncoder, build_caption_vocab
 from bbu_jax.models.detection_head import DetectionHead, HeadSpec
 from bbu_jax.models.detection_head_files import load_detection_head, save_detection_head
+from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig
+from bbu_jax.workflows.config import build_specs, load_config
+from bbu_jax.workflows.train import run_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
@@ -36,6 +40,14 @@ def export(tiny_hf_dir, tmp_path_factory):
     tok = SampleEncoder(str(tiny_hf_dir), min_pixels=3136, max_pixels=56 * 56 * 8, language="en").tokenizer
     vocab = build_caption_vocab([str(root / "data" / "train.jsonl"), str(root / "data" / "val.jsonl")], tok)
     save_detection_head(DetectionHead(HEAD, llm_hidden=64, rngs=nnx.Rngs(1)), run / "hf_export", vocab)
+    # the settings a training run records beside its export: the scripts need no settings flags
+    specs = build_specs(load_config(ROOT / "configs" / "demo.py"))
+    data = dataclasses.replace(specs.data, language="en", min_pixels=3136, max_pixels=56 * 56 * 8,
+                               train_jsonl=str(root / "data" / "train.jsonl"), teacher_pool_jsonl="")
+    specs = dataclasses.replace(specs, data=data, head=HEAD)
+    encoder = SampleEncoder(str(tiny_hf_dir), min_pixels=3136, max_pixels=56 * 56 * 8, language="en")
+    config = Qwen25VLConfig.from_file(tiny_hf_dir / "config.json")
+    run_settings(specs, encoder, vocab, config).write(run / "hf_export")
     return root
 
 
@@ -58,28 +70,40 @@ def test_head_files_roundtrip_and_errors(tmp_path):
 
 
 def test_evaluate_both_modes(export, tmp_path, capsys):
-    out = tmp_path / "report.json"
-    rc = evaluate_script.main(["--checkpoint", str(export / "run"), "--data", str(export / "data" / "val.jsonl"),
-                               "--output", str(out), "--mode", "both", "--language", "en", "--batch_size", "2",
-                               "--max_new_tokens", "8", "--top_k", "5",
-                               "--predictions_dir", str(tmp_path / "preds"), *PIX])
-    assert rc == 0
-    report = json.loads(out.read_text())  # valid JSON (NaN written as null)
-    for key in ("head/AP", "head/AP50", "head/AR100", "generate/precision", "generate/recall",
-                "generate/f1", "caption_accuracy", "parse_failures", "lm_loss", "bbox_giou_loss"):
+    out = tmp_path / "report"
+    args = ["--model", str(export / "run"), "--data", str(export / "data" / "val.jsonl"), "--output", str(out),
+            "--mode", "both", "--batch_size", "2", "--max_new_tokens", "8", "--top_k", "5"]
+    assert evaluate_script.main(args) == 0  # no settings flags: the export's settings
+    report = json.loads((out / "report.json").read_text())  # valid JSON (NaN written as null)
+    for key in ("head/box_AP", "head/box_AP50", "head/box_AR100", "head/type_mAP50", "generate/precision",
+                "generate/recall", "generate/f1", "generate/complete_json", "generate/caption_accuracy",
+                "generate/parse_failures", "lm_loss", "bbox_giou_loss"):
         assert key in report, key
     assert report["num_records"] == 4
-    assert "head/AP50" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "head/box_AP50" in printed.out and "differs from the trained" not in printed.err
     from bbu_jax.evaluation import visualize
     for name in ("head_predictions.jsonl", "generate_predictions.jsonl"):
-        recs, _ = visualize.load_records(tmp_path / "preds" / name)
+        recs, _ = visualize.load_records(out / name)
         assert len(recs) == 4
+    assert evaluate_script.main(args) == 1  # the outputs exist: replaced only with --overwrite
+    assert "pass --overwrite" in capsys.readouterr().err
 
 
-def test_generate_only_leaves_head_keys_out(export, tmp_path):
-    out = tmp_path / "report.json"
-    evaluate_script.main(["--checkpoint", str(export / "run" / "hf_export"), "--data",
+def test_overrides_equal_to_the_trained_values_say_nothing(export, caplog):
+    from bbu_jax.inference import Predictor
+
+    Predictor.from_pretrained(export / "run", language="en", min_pixels=3136, max_pixels=56 * 56 * 8)
+    assert "differs from the trained" not in caplog.text
+    Predictor.from_pretrained(export / "run", max_pixels=56 * 56 * 4)
+    assert "max_pixels 12544 differs from the trained max_pixels 25088" in caplog.text
+
+
+def test_generate_only_leaves_head_keys_out(export, tmp_path, capsys):
+    out = tmp_path / "report"
+    evaluate_script.main(["--model", str(export / "run" / "hf_export"), "--data",
                           str(export / "data" / "val.jsonl"), "--output", str(out), "--mode", "generate",
-                          "--language", "en", "--batch_size", "2", "--max_new_tokens", "4", *PIX])
-    report = json.loads(out.read_text())
+                          "--language", "zh", "--batch_size", "2", "--max_new_tokens", "4"])
+    report = json.loads((out / "report.json").read_text())
     assert "generate/f1" in report and not any(k.startswith("head/") for k in report)
+    assert "language 'zh' differs from the trained language 'en'" in capsys.readouterr().err

@@ -168,11 +168,11 @@ def test_outputs_are_checked_writable_before_the_work(data, infer, tmp_path, cap
     made = check_writable(tmp_path / "new" / "preds.jsonl")
     assert made.parent.is_dir() and os.listdir(made.parent) == []  # the test file is gone
     # The model path does not exist either: the output is what fails first, before any work.
-    rc = infer.main(["--model_path", str(tmp_path / "no_model"), "--input_jsonl", str(data / "val.jsonl"),
-                     "--output_file", str(blocker / "preds.jsonl")])
+    rc = infer.main(["--model", str(tmp_path / "no_model"), "--data", str(data / "val.jsonl"),
+                     "--output", str(blocker / "preds.jsonl")])
     assert rc == 1 and "is a file, not a folder" in capsys.readouterr().err
-    rc = _script("evaluate").main(["--checkpoint", str(tmp_path / "no_model"), "--data", str(data / "val.jsonl"),
-                                   "--output", str(blocker / "report.json")])
+    rc = _script("evaluate").main(["--model", str(tmp_path / "no_model"), "--data", str(data / "val.jsonl"),
+                                   "--output", str(blocker / "report")])
     assert rc == 1 and "is a file, not a folder" in capsys.readouterr().err
 
 
@@ -189,8 +189,8 @@ def test_a_lone_surrogate_cannot_break_the_predictions(data, tiny_hf_dir, infer,
 
     monkeypatch.setattr(answers, "generate_answers", fake_generate)
     out = tmp_path / "preds.jsonl"
-    assert infer.main(["--model_path", str(tiny_hf_dir), "--input_jsonl", str(data / "val.jsonl"),
-                       "--output_file", str(out), "--num_teachers", "0", "--language", "en"]) == 0
+    assert infer.main(["--model", str(tiny_hf_dir), "--data", str(data / "val.jsonl"),
+                       "--output", str(out), "--num_teachers", "0", "--language", "en"]) == 0
     row = json.loads(out.read_bytes().decode("utf-8"))  # valid UTF-8 and JSON
     assert row["pred"][0]["desc"] == "\ud800" and row["response"].endswith("\ud800")
     records, _ = visualize.load_records(out)  # what scripts/visualize.py reads and draws
@@ -242,11 +242,12 @@ def test_head_of_another_width_and_old_files(data, tiny_hf_dir, tmp_path, capsys
     config = Qwen25VLConfig.from_file(tiny_hf_dir / "config.json")
     with pytest.raises(ValueError, match="32-wide hidden states but the model's are 64 wide"):
         head_files.check_head_fits_model(_head(32), config, np.array([3, 9]))  # predict_detection's entry
-    rc = _script("evaluate").main(["--checkpoint", str(wrong), "--data", str(data / "val.jsonl"),
-                                   "--output", str(tmp_path / "r.json"), "--mode", "head", "--language", "en"])
+    rc = _script("evaluate").main(["--model", str(wrong), "--data", str(data / "val.jsonl"),
+                                   "--output", str(tmp_path / "r"), "--mode", "head", "--language", "en"])
     err = capsys.readouterr().err
-    assert rc == 1 and "32-wide" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "r.json").exists()
+    lines = err.strip().splitlines()  # the warning that the folder has no training settings, then the error
+    assert rc == 1 and lines[-1].startswith("error:") and "32-wide" in lines[-1] and len(lines) <= 2
+    assert not (tmp_path / "r" / "report.json").exists()
 
     fits = shutil.copytree(tiny_hf_dir, tmp_path / "fits")
     head_files.save_detection_head(_head(64), old, np.array([3, 9]))

@@ -155,9 +155,14 @@ CASES = {"1": "png", "L": "png", "L+tRNS": "png", "LA": "png", "P": "png", "P+in
 @pytest.mark.filterwarnings("ignore:Palette images with Transparency expressed in bytes")  # PIL's advice
 @pytest.mark.parametrize("case", list(CASES))
 def test_rows_match_transformers_for_every_mode(case, tmp_path):
+    import transformers
+    from packaging.version import Version
     from transformers.image_utils import load_image as hf_load_image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    if case in TRANSPARENT and Version(transformers.__version__) < Version("5.24"):
+        pytest.skip("the reference moved: transformers 5.24's PIL processor composites transparency on white "
+                    "(what bbu_jax matches); older 5.x releases convert it otherwise")
     path = tmp_path / f"photo.{CASES[case]}"
     _write_mode(case, path, np.random.default_rng(sorted(CASES).index(case)))
     with Image.open(path) as im:

@@ -117,7 +117,8 @@ def test_the_runs_export_replaces_its_own_previous_export_head_included(params_c
                                                      rngs=nnx.Rngs(0))}
     out = tmp_path / "run" / "hf_export"
     for vocab in ([5, 7], [5, 7, 9]):  # a resumed run that finishes exports again into its workdir
-        export_lib.export_trained(modules, out, hf_files, np.array(vocab, np.int32), overwrite=True)
+        export_lib.export(modules["model"], out, hf_files, head=modules["head"],
+                          caption_vocab=np.array(vocab, np.int32), overwrite=True)
     assert json.loads((out / "detection_head_config.json").read_text())["caption_vocab"] == [5, 7, 9]
     assert {"config.json", "model.safetensors", "detection_head.safetensors"} <= set(os.listdir(out))
     assert os.listdir(tmp_path / "run") == ["hf_export"]

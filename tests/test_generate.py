@@ -11,7 +11,9 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from bbu_jax.data.schema import Example, Obj
-from bbu_jax.inference.generate import cut_at_stop, generate, generate_tokens, pad_prompts
+from bbu_jax.data.encode import SampleEncoder
+from bbu_jax.data.pipeline import build_inference_inputs
+from bbu_jax.inference.generate import cut_at_stop, generate_from_inputs, generate_tokens, pad_prompts
 from bbu_jax.models.qwen2_5_vl import from_hf, processing
 from bbu_jax.testing import hf_reference
 
@@ -130,11 +132,11 @@ def test_host_generate_teacher_guided_batch_invariant(tmp_path, hf_dir, model):
         paths.append(str(tmp_path / f"im{i}.png"))
         image(h, w, 10 + i).save(paths[-1])
     teacher = Example((paths[2],), (Obj((4, 8, 40, 50), "screw/BBU mounting screw/tight"),))
-    kw = dict(language="en", max_new_tokens=NEW_TOKENS, min_pixels=3136, max_pixels=20000, batch_size=2,
-              length_bucket=LENGTH, patch_bucket=PATCHES)
-    students = [[paths[0]], [paths[1]]]
-    together = generate(model, hf_dir, students, teachers=[[teacher], [teacher]], **kw)
-    alone = [generate(model, hf_dir, [s], teachers=[[teacher]], **kw)[0] for s in students]
+    encoder = SampleEncoder(str(hf_dir), language="en", min_pixels=3136, max_pixels=20000)
+    kw = dict(max_new_tokens=NEW_TOKENS, batch_size=2, length_bucket=LENGTH, patch_bucket=PATCHES)
+    inputs = [build_inference_inputs(encoder, [p], (teacher,))[0] for p in paths[:2]]
+    together = generate_from_inputs(model, encoder.tokenizer, inputs, **kw)
+    alone = [generate_from_inputs(model, encoder.tokenizer, [x], **kw)[0] for x in inputs]
     assert len(together) == 2 and all(isinstance(t, str) for t in together)
     assert together == alone
     assert together[0] != together[1]

@@ -58,8 +58,8 @@ def test_pick_teachers_excludes_student_and_prefers_own(dataset):
 
 def test_infer_writes_predictions(dataset, tiny_hf_dir, tmp_path, capsys):
     out = tmp_path / "preds" / "preds.jsonl"  # the folder is created
-    rc = infer.main(["--model_path", str(tiny_hf_dir), "--input_jsonl", str(dataset / "val.jsonl"),
-                     "--output_file", str(out), "--teacher_pool", str(dataset / "pool.jsonl"),
+    rc = infer.main(["--model", str(tiny_hf_dir), "--data", str(dataset / "val.jsonl"),
+                     "--output", str(out), "--teacher_pool", str(dataset / "pool.jsonl"),
                      "--num_teachers", "1", "--max_samples", "3", "--max_new_tokens", "8", "--language", "en",
                      "--max_pixels", "20000", "--batch_size", "2"])
     assert rc == 0
@@ -81,7 +81,7 @@ def test_infer_writes_predictions(dataset, tiny_hf_dir, tmp_path, capsys):
 def test_infer_no_usable_records(dataset, tiny_hf_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"images": ["missing.png"], "objects": []}) + "\n")
-    rc = infer.main(["--model_path", str(tiny_hf_dir), "--input_jsonl", str(bad), "--output_file",
+    rc = infer.main(["--model", str(tiny_hf_dir), "--data", str(bad), "--output",
                      str(tmp_path / "o.jsonl"), "--num_teachers", "0", "--skip_bad_samples"])
     assert rc == 1
     assert not (tmp_path / "o.jsonl").exists()

@@ -53,7 +53,7 @@ def test_greedy_match_by_iou_is_one_to_one():
 def test_head_perfect_predictions_give_one():
     pred = [as_head(g, np.linspace(0.9, 0.5, len(g))) for g in GT]
     m = head_metrics(GT, pred)
-    for key in ("head/AP", "head/AP50", "head/AR100", "head/type_mAP", "head/type_mAP50",
+    for key in ("head/box_AP", "head/box_AP50", "head/box_AR100", "head/type_mAP", "head/type_mAP50",
                 "head/caption_accuracy"):
         assert m[key] == pytest.approx(1.0), key
     for t in ("螺丝连接点", "标签", "cable"):
@@ -67,9 +67,9 @@ def test_head_shifted_box_counts_only_at_low_iou():
     shifted = [0, 0, 100, 58]  # IoU = 0.58
     assert box_iou([shifted], [[0, 0, 100, 100]])[0, 0] == pytest.approx(0.58)
     m = head_metrics(gt, [[obj(shifted, SCREW, 0.9)]])
-    assert m["head/AP50"] == pytest.approx(1.0)
-    assert m["head/AP"] == pytest.approx(0.2)
-    assert m["head/AR100"] == pytest.approx(0.2)
+    assert m["head/box_AP50"] == pytest.approx(1.0)
+    assert m["head/box_AP"] == pytest.approx(0.2)
+    assert m["head/box_AR100"] == pytest.approx(0.2)
 
 
 def test_head_false_positive_ranked_first_halves_precision():
@@ -77,11 +77,11 @@ def test_head_false_positive_ranked_first_halves_precision():
     gt = [[obj((0, 0, 50, 50), CABLE)], []]
     pred = [[obj((0, 0, 50, 50), CABLE, 0.5)], [obj((5, 5, 30, 30), CABLE, 0.9)]]
     m = head_metrics(gt, pred)
-    assert m["head/AP50"] == pytest.approx(0.5)  # precision 1/2 at recall 1
-    assert m["head/AR100"] == pytest.approx(1.0)
+    assert m["head/box_AP50"] == pytest.approx(0.5)  # precision 1/2 at recall 1
+    assert m["head/box_AR100"] == pytest.approx(1.0)
     # Ranked below the true positive, the same false positive costs nothing.
     pred[1][0]["score"] = 0.1
-    assert head_metrics(gt, pred)["head/AP50"] == pytest.approx(1.0)
+    assert head_metrics(gt, pred)["head/box_AP50"] == pytest.approx(1.0)
 
 
 def test_head_per_type_and_wrong_caption():
@@ -89,7 +89,7 @@ def test_head_per_type_and_wrong_caption():
     pred = [[obj((10, 10, 60, 60), SCREW, 0.9), obj((100, 100, 200, 150), CABLE, 0.8)],
             [obj((0, 0, 40, 80), CABLE, 0.7)]]
     m = head_metrics(GT, pred)
-    assert m["head/AP"] == pytest.approx(1.0)
+    assert m["head/box_AP"] == pytest.approx(1.0)
     assert m["head/AP/螺丝连接点"] == pytest.approx(1.0)
     assert m["head/AP/标签"] == pytest.approx(0.0)
     assert m["head/AR100/标签"] == pytest.approx(0.0)
@@ -104,17 +104,17 @@ def test_head_keeps_top_100_per_image():
     gt = [[obj((0, 0, 10, 10), CABLE)]]
     junk = [obj((500, 500, 510, 510), CABLE, 0.9) for _ in range(100)]
     hit = obj((0, 0, 10, 10), CABLE, 0.5)
-    assert head_metrics(gt, [junk + [hit]])["head/AR100"] == pytest.approx(0.0)
-    assert head_metrics(gt, [junk[:99] + [hit]])["head/AR100"] == pytest.approx(1.0)
+    assert head_metrics(gt, [junk + [hit]])["head/box_AR100"] == pytest.approx(0.0)
+    assert head_metrics(gt, [junk[:99] + [hit]])["head/box_AR100"] == pytest.approx(1.0)
 
 
 def test_head_empty_predictions_and_empty_gt():
     empty = [as_head([], []) for _ in GT]
     m = head_metrics(GT, empty)
-    assert m["head/AP"] == 0.0 and m["head/AR100"] == 0.0
+    assert m["head/box_AP"] == 0.0 and m["head/box_AR100"] == 0.0
     assert math.isnan(m["head/caption_accuracy"])
     m = head_metrics([[], []], [[obj((0, 0, 5, 5), CABLE, 0.9)], []])
-    assert math.isnan(m["head/AP"])  # nothing to find: undefined, not 0 or 1
+    assert math.isnan(m["head/box_AP"])  # nothing to find: undefined, not 0 or 1
     with pytest.raises(ValueError, match="score"):
         head_metrics(GT, [[obj((0, 0, 1, 1), CABLE)], []])
     with pytest.raises(ValueError, match="ground-truth images"):
@@ -136,9 +136,9 @@ def test_generate_precision_recall_f1():
     assert m["generate/precision/螺丝连接点"] == pytest.approx(1 / 2)
     assert m["generate/box_recall"] == pytest.approx(1.0)
     # Captions on the three box matches: SCREW ok, LABEL vs SCREW_BAD wrong, CABLE ok.
-    assert m["caption_accuracy"] == pytest.approx(2 / 3)
-    assert m["caption_accuracy/level1"] == pytest.approx(2 / 3)
-    assert m["caption_matched"] == 3
+    assert m["generate/caption_accuracy"] == pytest.approx(2 / 3)
+    assert m["generate/caption_accuracy/level1"] == pytest.approx(2 / 3)
+    assert m["generate/caption_matched"] == 3
 
 
 def test_generate_desc_match_ignores_width_and_spaces():
@@ -153,12 +153,12 @@ def test_generate_counts_parse_outcomes():
                "I cannot see any equipment."]
     parsed = [parse_response(a) for a in answers]
     m = generate_metrics(GT, [p for p, _ in parsed], [s for _, s in parsed])
-    assert m["parse_failures"] == 1
+    assert m["generate/parse_failures"] == 1 and m["generate/complete_json"] == 0.5
     assert m["generate/dropped_objects"] == 1
     assert m["generate/precision"] == 1.0 and m["generate/recall"] == pytest.approx(1 / 3)
     parsed = [parse_response(a) for a in ("```json\n[]\n```", "")]
     m = generate_metrics(GT, [p for p, _ in parsed], [s for _, s in parsed])
-    assert (m["generate/empty_outputs"], m["parse_failures"]) == (2, 0)
+    assert (m["generate/empty_outputs"], m["generate/parse_failures"]) == (2, 0)
     assert m["generate/precision"] == 0.0 and m["generate/recall"] == 0.0
 
 
@@ -167,7 +167,7 @@ def test_generate_images_without_gt():
     assert (m["generate/precision"], m["generate/recall"], m["generate/f1"]) == (1.0, 1.0, 1.0)
     m = generate_metrics([[]], [[obj((0, 0, 5, 5), CABLE)]])
     assert (m["generate/precision"], m["generate/recall"], m["generate/f1"]) == (0.0, 0.0, 0.0)
-    assert math.isnan(m["caption_accuracy"])
+    assert math.isnan(m["generate/caption_accuracy"])
 
 
 def test_caption_levels_count_only_existing_levels():
@@ -176,3 +176,15 @@ def test_caption_levels_count_only_existing_levels():
     assert s["caption_accuracy/level1"] == 1.0
     assert s["caption_accuracy/level2"] == pytest.approx(1 / 2)  # GT "a" has no level 2
     assert s["caption_accuracy/level3"] == pytest.approx(1 / 2)  # pred "a/x" lacks level 3
+
+
+def test_type_keys_are_tensorboard_tags():
+    """A desc type with a space would be renamed by TensorBoard; the keys use its form already."""
+    from tensorboardX.summary import _clean_tag
+
+    gt = [[obj((0, 0, 40, 40), "BBU device/main unit/installed"), obj((50, 50, 90, 90), "fiber (optical)/cable")]]
+    m = head_metrics(gt, [as_head(gt[0], [0.9, 0.8])])
+    g = generate_metrics(gt, gt)
+    per_type = [k for k in (*m, *g) if k.count("/") >= 2]
+    assert "head/AP50/BBU_device" in m and "generate/f1/fiber__optical_" in g
+    assert per_type and all(_clean_tag(k) == k for k in per_type)

@@ -35,6 +35,8 @@ def test_run_logger_writes_jsonl_tensorboard_summary(tmp_path):
     assert lines[0] == {"step": 2, "train/lm_loss": 1.5, "train/lr/llm": 1e-5, "train/tokens_per_s": 100.0}
     assert lines[1]["val/mAP50"] == 0.25 and np.isnan(lines[1]["val/lm_loss"])
     assert json.loads((tmp_path / "summary.json").read_text())["val/mAP50"] == 0.25
+    assert log.last == {"train/lm_loss": 1.5, "train/lr/llm": 1e-5, "train/tokens_per_s": 100.0,
+                        "val/mAP50": 0.25, "val/lm_loss": log.last["val/lm_loss"]}  # the newest value of each
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 

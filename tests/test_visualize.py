@@ -93,7 +93,7 @@ def predictions_jsonl(tmp_path):
 def test_script_writes_pngs_and_contact_sheet(predictions_jsonl, tmp_path):
     main = runpy.run_path(str(SCRIPT))["main"]
     out = tmp_path / "viz"
-    assert main(["--input_jsonl", str(predictions_jsonl), "--output_dir", str(out),
+    assert main(["--data", str(predictions_jsonl), "--output", str(out),
                  "--panel_size", "160", "--sheet_size", "2"]) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["00000_a.png", "00001_b.png", "00002_b.png",
@@ -102,10 +102,12 @@ def test_script_writes_pngs_and_contact_sheet(predictions_jsonl, tmp_path):
         with Image.open(out / name) as im:
             im.verify()
             assert im.format == "PNG"
-    # --max_images and --min_score
+    again = ["--data", str(predictions_jsonl), "--output", str(out), "--panel_size", "160"]
+    assert main(again) == 1 and main([*again, "--overwrite"]) == 0  # a non-empty folder: only with --overwrite
+    # --max_samples and --min_score
     out2 = tmp_path / "viz2"
-    assert main(["--input_jsonl", str(predictions_jsonl), "--output_dir", str(out2),
-                 "--max_images", "1", "--min_score", "0.5", "--font", ""]) == 0
+    assert main(["--data", str(predictions_jsonl), "--output", str(out2),
+                 "--max_samples", "1", "--min_score", "0.5", "--font", ""]) == 0
     assert sorted(p.name for p in out2.iterdir()) == ["00000_a.png", "contact_sheet_000.png"]
 
 
@@ -122,5 +124,5 @@ def test_bad_records_name_file_and_line(predictions_jsonl, tmp_path):
     missing.write_text('{"images": ["images/nope.png"], "gt": []}\n', encoding="utf-8")
     main = runpy.run_path(str(SCRIPT))["main"]
     with pytest.raises(RecordError, match=r"missing.jsonl:1: cannot read image"):
-        main(["--input_jsonl", str(missing), "--output_dir", str(tmp_path / "v3")])
-    assert main(["--input_jsonl", str(missing), "--output_dir", str(tmp_path / "v3"), "--skip_errors"]) == 1
+        main(["--data", str(missing), "--output", str(tmp_path / "v3")])
+    assert main(["--data", str(missing), "--output", str(tmp_path / "v3"), "--skip_bad_samples"]) == 1

@@ -55,12 +55,14 @@ def format_answer(objects: Sequence[tuple[Sequence[int], str]]) -> str:
     return f"```json\n{body}\n```"
 
 
-def chat_messages(turns: Sequence[Turn], language: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict]:
+def chat_messages(turns: Sequence[Turn], language: str, system_prompt: str = SYSTEM_PROMPT,
+                  instruction: str | None = None) -> list[dict]:
     """The same conversation as HF chat messages (what apply_chat_template would render)."""
     msgs = [{"role": "system", "content": system_prompt}]
     for turn in turns:
         content = [{"type": "image"} for _ in turn.num_image_tokens]
-        msgs.append({"role": "user", "content": content + [{"type": "text", "text": INSTRUCTIONS[language]}]})
+        text = INSTRUCTIONS[language] if instruction is None else instruction
+        msgs.append({"role": "user", "content": content + [{"type": "text", "text": text}]})
         if turn.answer is not None:
             msgs.append({"role": "assistant", "content": [{"type": "text", "text": turn.answer}]})
     return msgs
@@ -77,18 +79,19 @@ def special_ids(tokenizer) -> dict[str, int]:
 
 
 def tokenize_conversation(tokenizer, turns: Sequence[Turn], language: str,
-                          system_prompt: str = SYSTEM_PROMPT) -> Tokenized:
+                          system_prompt: str = SYSTEM_PROMPT, instruction: str | None = None) -> Tokenized:
     """Render + tokenize; the last turn must be the student. An open last turn gets the
-    generation prompt `<|im_start|>assistant\\n` (inference)."""
+    generation prompt `<|im_start|>assistant\\n` (inference). ``instruction``: the user text of
+    every turn (default: the language's INSTRUCTIONS entry; a trained model's recorded one)."""
     if language not in INSTRUCTIONS:
         raise ValueError(f"language must be one of {sorted(INSTRUCTIONS)}, got {language!r}")
+    instr = INSTRUCTIONS[language] if instruction is None else instruction
     parts: list[str] = [f"<|im_start|>system\n{system_prompt}<|im_end|>\n"]
     pos = len(parts[0])
     spans = []  # (char_start, char_end, kind) supervised
     prompt_chars = (0, 0)
     for i, turn in enumerate(turns):
         head = "<|im_start|>user\n" + IMAGE_TEXT * len(turn.num_image_tokens)
-        instr = INSTRUCTIONS[language]
         if i == len(turns) - 1:
             prompt_chars = (pos + len(head), pos + len(head) + len(instr))
         user = head + instr + "<|im_end|>\n"

@@ -22,7 +22,7 @@ from bbu_jax.data.convert import scale_box
 from bbu_jax.data.schema import Example, Record, RecordError
 from bbu_jax.foundation.files import write_json_atomic
 from bbu_jax.models.qwen2_5_vl.config import Qwen25VLConfig, check_model_dir
-from bbu_jax.models.qwen2_5_vl.processing import image_pixels, load_image
+from bbu_jax.models.qwen2_5_vl.processing import ImageInput, image_pixels, load_image
 from bbu_jax.models.qwen2_5_vl.processing import rope_index, vision_layout
 
 END_TOKEN = "<|im_end|>"
@@ -67,12 +67,14 @@ class SampleEncoder:
     """Picklable: the tokenizer is loaded lazily in whichever process encodes (grain workers)."""
 
     def __init__(self, model_dir: str, *, min_pixels: int, max_pixels: int, language: str,
-                 system_prompt: str = chat.SYSTEM_PROMPT, image_cache_size: int = 64):
+                 system_prompt: str = chat.SYSTEM_PROMPT, instruction: str | None = None,
+                 image_cache_size: int = 64):
         if language not in chat.INSTRUCTIONS:
             raise ValueError(f"language must be one of {sorted(chat.INSTRUCTIONS)}, got {language!r}")
         self.model_dir = os.fspath(check_model_dir(model_dir, tokenizer=True))
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.language, self.system_prompt = language, system_prompt
+        self.instruction = chat.INSTRUCTIONS[language] if instruction is None else instruction
         self.vision = read_vision_config(self.model_dir)
         if self.vision["patch_size"] != 14:
             raise ValueError("the image processor is fixed to patch_size 14")
@@ -104,21 +106,25 @@ class SampleEncoder:
             self._captions[desc] = np.asarray(ids + [self.ids[END_TOKEN]], np.int32)
         return self._captions[desc]
 
-    def load_image(self, path: str, source: str):
-        """(patch pixels, grid_thw, stored (h, w)); a small LRU keeps pool teachers' images hot."""
-        if path in self._images:
-            self._images.move_to_end(path)
-            return self._images[path]
+    def load_image(self, image: ImageInput, source: str):
+        """(patch pixels, grid_thw, stored (h, w)) of a file path, PIL image or uint8 array; a small
+        LRU keeps files (pool teachers' images) hot."""
+        cached = isinstance(image, (str, os.PathLike))
+        if cached and image in self._images:
+            self._images.move_to_end(image)
+            return self._images[image]
         try:
-            im = load_image(path)  # upright, as conversion stored it and annotators saw it
+            im = load_image(image)  # upright, as conversion stored it and annotators saw it
             pixels, grid = image_pixels(im, self.min_pixels, self.max_pixels)
-            stored = (im.height, im.width)
+            loaded = (pixels, grid, (im.height, im.width))
         except (OSError, ValueError) as e:
-            raise RecordError(f"{source}: cannot read image {path} ({e})") from None
-        self._images[path] = (pixels, grid, stored)
-        if len(self._images) > self.image_cache_size:
-            self._images.popitem(last=False)
-        return self._images[path]
+            what = image if cached else f"{type(image).__name__} {getattr(image, 'shape', getattr(image, 'size', ''))}"
+            raise RecordError(f"{source}: cannot read image {what} ({e})") from None
+        if cached:
+            self._images[image] = loaded
+            if len(self._images) > self.image_cache_size:
+                self._images.popitem(last=False)
+        return loaded
 
     def _turn(self, ex: Example, kind: int, source: str, with_answer: bool):
         loaded = [self.load_image(p, source) for p in ex.images]
@@ -149,7 +155,8 @@ class SampleEncoder:
         turn, loaded, objects, resized_hw, stored_hw = self._turn(student, chat.KIND_STUDENT, source, with_answer)
         turns.append(turn)
         all_images += loaded
-        tok = chat.tokenize_conversation(self.tokenizer, turns, self.language, self.system_prompt)
+        tok = chat.tokenize_conversation(self.tokenizer, turns, self.language, self.system_prompt,
+                                         self.instruction)
         ids = tok.input_ids
         L = ids.shape[0]
         targets = np.zeros(L, np.int32)

@@ -21,6 +21,8 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from bbu_jax.models.qwen2_5_vl.processing import ImageInput
+
 T = TypeVar("T")
 
 
@@ -36,7 +38,7 @@ class Obj:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    images: tuple[str, ...]  # absolute paths
+    images: tuple[ImageInput, ...]  # absolute paths in records; PIL images or arrays also at inference
     objects: tuple[Obj, ...]
 
 

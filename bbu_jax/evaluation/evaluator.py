@@ -19,6 +19,7 @@ from flax import nnx
 from bbu_jax.data.batch import HEAD_INPUTS, MODEL_INPUTS
 from bbu_jax.data.schema import Record
 from bbu_jax.evaluation.metrics import head_metrics
+from bbu_jax.inference.answers import truth
 from bbu_jax.inference.predict import decode_detections, detect_from_outputs
 from bbu_jax.losses import LossSpec, multitask_loss
 from bbu_jax.models.detection_head import DetectionHead
@@ -48,9 +49,8 @@ def evaluate(model: Qwen25VL, head: DetectionHead | None, batches: Iterable[tupl
              records: Sequence[Record], tokenizer, *, caption_vocab: np.ndarray | None,
              loss: LossSpec | None, top_k: int = 100,
              prefix: str = "val/") -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Val losses (``{prefix}lm_loss`` ...; skipped when ``loss`` is None) and, with a head,
-    COCO metrics (``{prefix}mAP50`` ...
-    alongside the ``head/*`` keys of ``metrics.head_metrics``) over every batch; plus one
+    """Val losses (``{prefix}lm_loss`` ...; skipped when ``loss`` is None) and, with a head, its
+    COCO metrics (the ``head/*`` keys of ``metrics.head_metrics``) over every batch; plus one
     prediction record per sample ({"source", "id", "image", "gt", "pred"}) for reports and pictures.
     """
     by_source = {r.source: r for r in records}
@@ -71,7 +71,7 @@ def evaluate(model: Qwen25VL, head: DetectionHead | None, batches: Iterable[tupl
         decoded = {} if dets is None else decode_detections(*dets, metas, tokenizer, score_threshold=0.0)
         for meta in (m for row in metas for m in row):
             record = by_source[meta["source"]]
-            gt = [{"bbox_2d": list(o.bbox), "desc": o.desc} for o in record.student.objects]
+            gt = truth(record)
             det = decoded.get((meta["row"], meta["segment"]))
             pred = [] if det is None else [
                 {"bbox_2d": [round(float(v), 1) for v in box], "desc": cap, "score": float(score)}
@@ -85,7 +85,6 @@ def evaluate(model: Qwen25VL, head: DetectionHead | None, batches: Iterable[tupl
     if head is not None and predictions:
         coco = head_metrics([p["gt"] for p in predictions], [p["pred"] for p in predictions])
         report.update({f"{prefix}{key}": value for key, value in coco.items()})
-        report[f"{prefix}mAP"], report[f"{prefix}mAP50"] = coco["head/AP"], coco["head/AP50"]
     return report, predictions
 
 

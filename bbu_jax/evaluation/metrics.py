@@ -14,6 +14,7 @@ first `/` level; descs are compared after ``normalize_desc`` (full-width marks, 
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from faster_coco_eval.core import mask as coco_mask
 from jaxtyping import Float, Real
 
 from bbu_jax.data.desc import normalize_desc
-from bbu_jax.inference.parser import EMPTY, NO_JSON, TRUNCATED, ParseStatus
+from bbu_jax.inference.parser import EMPTY, NO_JSON, OK, TRUNCATED, ParseStatus
 
 MAX_DETS = 100  # COCO counts only the top 100 detections per image
 IOU_THRESHOLD = 0.5
@@ -80,15 +81,21 @@ def greedy_match(iou: Float[np.ndarray, "n m"], threshold: float = IOU_THRESHOLD
     return pairs
 
 
+def type_key(desc_type_name: str) -> str:
+    """A desc type as a metric-name part: TensorBoard replaces characters outside [-/\\w.] in tags
+    with "_", so the keys use its form and metrics.jsonl, summary.json and TensorBoard agree."""
+    return re.sub(r"[^-/\w.]", "_", desc_type_name)
+
+
 def head_metrics(gt: Sequence[Sequence[Mapping[str, Any]]],
                  pred: Sequence[Mapping[str, Any] | Sequence[Mapping[str, Any]]],
                  max_dets: int = MAX_DETS) -> dict[str, float]:
     """COCO AP / AR of the head's scored predictions, class-agnostic and per desc type.
 
-    Keys: ``head/AP`` (AP@[.5:.95]), ``head/AP50``, ``head/AR100`` (class-agnostic: boxes only);
+    Keys: ``head/box_AP`` (AP@[.5:.95]), ``head/box_AP50``, ``head/box_AR100`` (class-agnostic: boxes only);
     ``head/type_mAP``, ``head/type_mAP50`` (COCO mean over desc types, the prediction's type taken
     from its caption); ``head/AP/<type>``, ``head/AP50/<type>``, ``head/AR100/<type>`` for each
-    type with ground truth; ``head/caption_accuracy*`` on COCO-style matches at IoU 0.5 (see
+    type with ground truth (``type_key``); ``head/caption_accuracy*`` on COCO-style matches at IoU 0.5 (see
     ``caption_scores``); counts. A metric without any ground truth to measure is NaN.
     Only the ``max_dets`` highest-scoring predictions of an image count.
     """
@@ -100,9 +107,9 @@ def head_metrics(gt: Sequence[Sequence[Mapping[str, Any]]],
 
     agnostic, _ = _coco_eval(gts, preds, lambda o: "object", max_dets)
     prec, rec = agnostic.eval["precision"], agnostic.eval["recall"]
-    out["head/AP"] = _mean_valid(prec[:, :, :, 0, -1])
-    out["head/AP50"] = _mean_valid(prec[0, :, :, 0, -1])
-    out["head/AR100"] = _mean_valid(rec[:, :, 0, -1])
+    out["head/box_AP"] = _mean_valid(prec[:, :, :, 0, -1])
+    out["head/box_AP50"] = _mean_valid(prec[0, :, :, 0, -1])
+    out["head/box_AR100"] = _mean_valid(rec[:, :, 0, -1])
 
     types = sorted({desc_type(o["desc"]) for g in gts for o in g})
     if types:
@@ -112,9 +119,9 @@ def head_metrics(gt: Sequence[Sequence[Mapping[str, Any]]],
         out["head/type_mAP50"] = _mean_valid(prec[0, :, :, 0, -1])
         for t in types:
             k = cat_names.index(t)
-            out[f"head/AP/{t}"] = _mean_valid(prec[:, :, k, 0, -1])
-            out[f"head/AP50/{t}"] = _mean_valid(prec[0, :, k, 0, -1])
-            out[f"head/AR100/{t}"] = _mean_valid(rec[:, k, 0, -1])
+            out[f"head/AP/{type_key(t)}"] = _mean_valid(prec[:, :, k, 0, -1])
+            out[f"head/AP50/{type_key(t)}"] = _mean_valid(prec[0, :, k, 0, -1])
+            out[f"head/AR100/{type_key(t)}"] = _mean_valid(rec[:, k, 0, -1])
     else:
         out["head/type_mAP"] = out["head/type_mAP50"] = float("nan")
 
@@ -142,9 +149,10 @@ def generate_metrics(gt: Sequence[Sequence[Mapping[str, Any]]],
 
     Keys: ``generate/precision``, ``generate/recall``, ``generate/f1`` and the same per GT desc
     type (``generate/f1/<type>`` ...); ``generate/box_precision``/``box_recall`` (IoU only, desc
-    ignored); ``caption_accuracy`` and ``caption_accuracy/level<k>`` on the IoU-only matches;
-    ``parse_failures`` (no answer found), ``generate/empty_outputs``, ``generate/truncated``,
-    ``generate/dropped_objects`` from the parse statuses; counts.
+    ignored); ``generate/caption_accuracy`` and ``.../level<k>`` on the IoU-only matches;
+    ``generate/complete_json`` (fraction of answers parsed whole), ``generate/parse_failures`` (no
+    answer found), ``generate/empty_outputs``, ``generate/truncated``, ``generate/dropped_objects``
+    from the parse statuses; counts.
     """
     if len(gt) != len(pred) or (statuses is not None and len(statuses) != len(gt)):
         raise ValueError(f"lengths differ: {len(gt)} ground truth, {len(pred)} predictions, "
@@ -175,13 +183,15 @@ def generate_metrics(gt: Sequence[Sequence[Mapping[str, Any]]],
     types = sorted(k[3:] for k in counts if k.startswith("gt/"))
     for t in types:
         prf = _prf("generate", counts["tp/" + t], counts["pred/" + t], counts["gt/" + t])
-        out.update({f"{k}/{t}": v for k, v in prf.items()})
+        out.update({f"{k}/{type_key(t)}": v for k, v in prf.items()})
     box = _prf("generate/box", box_tp, counts["pred"], counts["gt"])
     out["generate/box_precision"] = box["generate/box/precision"]
     out["generate/box_recall"] = box["generate/box/recall"]
-    out.update(caption_scores(pairs))
+    out.update({f"generate/{k}": v for k, v in caption_scores(pairs).items()})
     codes = collections.Counter(s.code for s in statuses or () if s is not None)
-    out["parse_failures"] = codes[NO_JSON]
+    if statuses is not None:
+        out["generate/complete_json"] = codes[OK] / len(statuses) if statuses else float("nan")
+    out["generate/parse_failures"] = codes[NO_JSON]
     out["generate/empty_outputs"] = codes[EMPTY]
     out["generate/truncated"] = codes[TRUNCATED]
     out["generate/dropped_objects"] = sum(s.num_dropped for s in statuses or () if s is not None)

@@ -9,14 +9,13 @@ stop token; a finished row keeps emitting ``pad_id``.
 M-RoPE for generated tokens follows transformers' rope_delta rule: the first generated token of a
 row sits at (max prompt position + 1) on all three rows, the next one after it, and so on.
 
-Host-level: ``generate(model, model_dir, student_images, teachers=...)`` builds each prompt exactly
-as training does (``bbu_jax.data.pipeline.build_inference_inputs``: demonstrations first, then the
-student's images and instruction, then the open assistant turn) and returns the decoded answers.
+Prompts are built exactly as training builds samples (``bbu_jax.data.pipeline.build_inference_inputs``:
+demonstrations first, then the student's images and instruction, then the open assistant turn);
+``bbu_jax.inference.predictor.Predictor.generate`` is the user-facing entry point.
 """
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import jax
@@ -26,9 +25,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from bbu_jax.data import chat
-from bbu_jax.data.encode import END_TOKEN, SampleEncoder
-from bbu_jax.data.pipeline import build_inference_inputs
-from bbu_jax.data.schema import Example
+from bbu_jax.data.encode import END_TOKEN
 from bbu_jax.models.qwen2_5_vl.model import Qwen25VL
 
 # The model's inputs for a prompt: token fields are (B, L) / (B, 3, L), patch fields (B, P, ...).
@@ -172,22 +169,3 @@ def generate_from_inputs(model: Qwen25VL, tokenizer, inputs: Sequence[dict[str, 
         texts += [tokenizer.decode(cut_at_stop(row, stop_ids)) for row in tokens[:len(chunk)]]
     return texts
 
-
-def generate(model: Qwen25VL, model_dir_or_encoder: str | os.PathLike | SampleEncoder,
-             student_images: Sequence[Sequence[str]], teachers: Sequence[Sequence[Example]] | None = None, *,
-             language: str = "zh", max_new_tokens: int = 1024, min_pixels: int = 3136, max_pixels: int = 451584,
-             **kwargs) -> list[str]:
-    """Answer one prompt per entry of ``student_images`` (that sample's image paths), each after
-    its demonstrations ``teachers[i]`` (teacher-guided, as in training).
-
-    ``model_dir_or_encoder``: the HF folder (tokenizer, config) or a ready SampleEncoder (then
-    language and pixel limits are its own). Use the pixel limits the model was trained with.
-    Other keyword arguments go to ``generate_from_inputs`` (batch_size, temperature, top_p, ...).
-    """
-    encoder = model_dir_or_encoder if isinstance(model_dir_or_encoder, SampleEncoder) else SampleEncoder(
-        os.fspath(model_dir_or_encoder), min_pixels=min_pixels, max_pixels=max_pixels, language=language)
-    teachers = [()] * len(student_images) if teachers is None else teachers
-    if len(teachers) != len(student_images):
-        raise ValueError(f"{len(student_images)} students but {len(teachers)} teacher lists")
-    inputs = [build_inference_inputs(encoder, images, tuple(t))[0] for images, t in zip(student_images, teachers)]
-    return generate_from_inputs(model, encoder.tokenizer, inputs, max_new_tokens=max_new_tokens, **kwargs)

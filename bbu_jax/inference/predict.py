@@ -8,6 +8,7 @@ given (the coordinates the JSONL's boxes use).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import jax
@@ -23,6 +24,7 @@ from bbu_jax.data.schema import Example
 from bbu_jax.models.detection_head import DetectionHead
 from bbu_jax.models.detection_head_files import check_head_fits_model
 from bbu_jax.models.qwen2_5_vl import Qwen25VL
+from bbu_jax.models.qwen2_5_vl.processing import ImageInput
 
 
 @dataclasses.dataclass
@@ -83,11 +85,12 @@ def decode_detections(boxes, scores, ids, lengths, metas, tokenizer, *, score_th
     return out
 
 
-def predict_detection(model: Qwen25VL, head: DetectionHead, images: Sequence[str], *,
+def predict_detection(model: Qwen25VL, head: DetectionHead, images: Sequence[ImageInput], *,
                       encoder: SampleEncoder, caption_vocab: np.ndarray, score_threshold: float = 0.3,
                       top_k: int = 100, teachers: Sequence[Example] = (), batch_size: int = 4
                       ) -> list[Detections]:
-    """Detections for each image path (boxes in the image's own pixels), ``batch_size`` at a time.
+    """Detections for each image (a path, PIL image or uint8 array; boxes in pixels of the image as
+    given), ``batch_size`` at a time.
 
     Budgets are rounded up (tokens to 64, patches to 256) so similar images share a compilation.
     """
@@ -98,8 +101,9 @@ def predict_detection(model: Qwen25VL, head: DetectionHead, images: Sequence[str
     results: list[Detections] = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start:start + batch_size])
-        samples = [encoder.encode(Example((path,), ()), teachers, source=str(path), record_id=str(path),
-                                  with_answer=False) for path in chunk]
+        samples = [encoder.encode(Example((image,), ()), teachers, source=_name(image, start + i),
+                                  record_id=_name(image, start + i), with_answer=False)
+                   for i, image in enumerate(chunk)]
         budgets = Budgets(
             rows=batch_size, segments=1, objects=1, caption_tokens=1,
             tokens=_round_up(max(s.num_tokens for s in samples), 64),
@@ -111,6 +115,10 @@ def predict_detection(model: Qwen25VL, head: DetectionHead, images: Sequence[str
                                  score_threshold=score_threshold)
         results.extend(dets[r, 1] for r in range(len(chunk)))
     return results
+
+
+def _name(image: ImageInput, index: int) -> str:
+    return str(image) if isinstance(image, (str, os.PathLike)) else f"image {index}"
 
 
 def _round_up(n: int, m: int) -> int:

@@ -149,8 +149,10 @@ def check_detection_head(folder: str | Path, model_dir: str | Path | None = None
                       f"width and token ids could be checked against {model_dir}", stacklevel=2)
 
 
-def load_detection_head(folder: str | Path) -> tuple[DetectionHead, np.ndarray]:
-    """(head, caption_vocab) from an export folder; errors name the file and the key."""
+def load_detection_head(folder: str | Path, *, dtype=jnp.float32, attention_impl: str = "xla"
+                        ) -> tuple[DetectionHead, np.ndarray]:
+    """(head, caption_vocab) from an export folder, params and compute in ``dtype``; errors name
+    the file and the key."""
     folder = Path(folder)
     for name in (WEIGHTS, CONFIG):
         if not (folder / name).is_file():
@@ -163,7 +165,8 @@ def load_detection_head(folder: str | Path) -> tuple[DetectionHead, np.ndarray]:
     config.pop("model", None)
     vocab = np.asarray(config.pop("caption_vocab"), np.int32)
     llm_hidden = config.pop("llm_hidden")
-    head = DetectionHead(HeadSpec(**config), llm_hidden=llm_hidden, rngs=nnx.Rngs(0))
+    head = DetectionHead(HeadSpec(**config), llm_hidden=llm_hidden, attention_impl=attention_impl, dtype=dtype,
+                         param_dtype=dtype, rngs=nnx.Rngs(0))
     saved = load_file(str(folder / WEIGHTS))
     flat = []
     for path, var in nnx.to_flat_state(nnx.state(head, nnx.Param)):
@@ -174,7 +177,7 @@ def load_detection_head(folder: str | Path) -> tuple[DetectionHead, np.ndarray]:
         if value.shape != var.get_value().shape:
             raise ValueError(f"{folder / WEIGHTS}: tensor {key!r} has shape {value.shape}, "
                              f"expected {var.get_value().shape} (from {CONFIG})")
-        flat.append((path, var.replace(value)))
+        flat.append((path, var.replace(jnp.asarray(value, dtype))))
     if saved:
         raise KeyError(f"{folder / WEIGHTS}: unexpected tensors {sorted(saved)[:10]}")
     nnx.update(head, nnx.from_flat_state(flat))

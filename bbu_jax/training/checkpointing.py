@@ -225,3 +225,32 @@ class Checkpointer:
             self._finish_pending()
         finally:
             self._manager.close()
+
+
+# ----------------------------------------------------------------------------- reading a step
+# Without a Checkpointer: inference and export read a step without ever changing the run folder
+# (no corrupt step is set aside, nothing is deleted).
+def step_dirs(directory: str | pathlib.Path) -> list[pathlib.Path]:
+    """The complete step folders under a checkpoints folder, newest first."""
+    directory = pathlib.Path(directory)
+    steps = [p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()] if directory.is_dir() else []
+    return sorted(steps, key=lambda p: int(p.name), reverse=True)
+
+
+def is_step_dir(path: str | pathlib.Path) -> bool:
+    path = pathlib.Path(path)
+    return (path / "state").is_dir() and (path / "meta").is_dir()
+
+
+def read_meta(step_dir: str | pathlib.Path) -> dict:
+    """The JSON record saved with a step (the run's settings and the step)."""
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(pathlib.Path(step_dir).absolute() / "meta")
+
+
+def restore_params(step_dir: str | pathlib.Path, abstract_params):
+    """Only the ``params`` subtree of a step's train state (no optimizer state is read), as
+    ``abstract_params`` describes it (ShapeDtypeStructs: the dtype to cast to, and a sharding)."""
+    abstract = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+    return ocp.PyTreeCheckpointer().restore(pathlib.Path(step_dir).absolute() / "state", args=args)["params"]

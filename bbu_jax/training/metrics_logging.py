@@ -89,6 +89,7 @@ class RunLogger:
         self.train = SumCountAccumulator()
         self._writer = None
         self._bar = None
+        self.last: dict[str, float] = {}  # the newest value of every metric logged (summary.json)
         if is_main:
             self.workdir.mkdir(parents=True, exist_ok=True)
             _drop_rows_after(self.workdir / "metrics.jsonl", initial_step)
@@ -100,6 +101,7 @@ class RunLogger:
     def _emit(self, step: int, values: Mapping[str, float]) -> None:
         if not self.is_main:
             return
+        self.last.update({k: float(v) for k, v in values.items()})
         for k, v in values.items():
             if math.isfinite(v):
                 self._writer.add_scalar(k, v, step)

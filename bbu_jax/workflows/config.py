@@ -51,6 +51,8 @@ class RunSpec:
 class EvalSpec:
     every: int  # 0 = only at the end
     num_batches: int  # 0 = the whole val set
+    generate_samples: int  # val records answered by generation at each evaluation (-1: all, 0: none)
+    generate_max_new_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +160,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "min_pixels": (int, _positive), "max_pixels": (int, _positive), "skip_bad_samples": (bool, _any),
         "workers": (int, _NONNEG), "check_budgets_on_start": (bool, _any), "batch_rows": (int, _positive),
         "token_budget": (int, _positive), "patch_budget": (int, _patch_budget),
-        "segments_per_row": (int, _positive), "max_objects": (int, _positive),
+        "segments_per_row": (int, _positive), "pack_buffer": (int, _positive), "max_objects": (int, _positive),
         "caption_tokens": (int, _at_least(2)), "vision_memory_tokens": (int, _positive),
         "text_memory_tokens": (int, _positive),
     },
@@ -188,7 +190,8 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "distributed": (bool, _any), "coordinator_address": (str, _any), "num_processes": (int, _NONNEG),
         "process_id": (int, _at_least(-1)),
     },
-    "eval": {"every": (int, _NONNEG), "num_batches": (int, _NONNEG)},
+    "eval": {"every": (int, _NONNEG), "num_batches": (int, _NONNEG), "generate_samples": (int, _at_least(-1)),
+             "generate_max_new_tokens": (int, _positive)},
     "checkpoint": {"every": (int, _positive), "keep": (int, _positive), "async_save": (bool, _any)},
     "demo": {
         "make_tiny_model_if_missing": (bool, _any), "make_synthetic_data_if_missing": (bool, _any),
@@ -379,3 +382,18 @@ def unknown_overrides(argv: list[str], flag: str = "config") -> list[str]:
             if name not in KEYS:
                 problems.append(unknown_key_message(name))
     return problems
+
+
+def run_config_script(main: Callable[[list[str]], int], *, required: bool = True, flag: str = "config") -> None:
+    """A config-file script's entry point: mistyped overrides stop it with one line each (exit 1),
+    then absl parses the flags and the process exits with ``main``'s status."""
+    import sys
+
+    from absl import app, flags
+
+    if problems := unknown_overrides(sys.argv[1:], flag):
+        print("\n".join(problems), file=sys.stderr)
+        sys.exit(1)
+    if required:
+        flags.mark_flag_as_required(flag)
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -7,8 +7,10 @@ evaluation -> loop -> export. scripts/train.py builds the specs from a config
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +22,7 @@ from bbu_jax.data.encode import SampleEncoder, build_caption_vocab, load_caption
 from bbu_jax.data.pipeline import make_train_iterator
 from bbu_jax.evaluation.evaluator import eval_step
 from bbu_jax.foundation import sharding
+from bbu_jax.inference.settings import Settings, package_versions
 from bbu_jax.training.flops import batch_flops
 from bbu_jax.training import checkpointing, loop, metrics_logging, task, train_state
 from bbu_jax.training import optimizer as opt_lib
@@ -52,6 +55,24 @@ def caption_vocab(specs: Specs, encoder: SampleEncoder, workdir: pathlib.Path) -
         workdir.mkdir(parents=True, exist_ok=True)
         save_caption_vocab(str(path), vocab)
     return vocab
+
+
+def run_settings(specs: Specs, encoder: SampleEncoder, vocab: np.ndarray | None, model_config) -> Settings:
+    """What the run's checkpoints and exports record about how to use the weights."""
+    d = specs.data
+    summary = pathlib.Path(d.train_jsonl).parent / "summary.json"  # written by dataset conversion
+    training_data = json.loads(summary.read_text(encoding="utf-8")).get("params") if summary.is_file() else None
+    return Settings(
+        base_model=str(pathlib.Path(specs.model.hf_dir).absolute()), model_config=model_config.to_hf_dict(),
+        language=d.language, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+        system_prompt=encoder.system_prompt, instruction=encoder.instruction,
+        # most training prompts had a demonstration when the ratio is above one half
+        num_teachers=1 if d.teacher_ratio > 0.5 and d.max_teachers else 0,
+        teacher_pool=str(pathlib.Path(d.teacher_pool_jsonl).absolute()) if d.teacher_pool_jsonl else "",
+        caption_vocab=None if vocab is None else [int(i) for i in vocab],
+        head=None if specs.head is None else {"llm_hidden": model_config.text.hidden_size,
+                                              **dataclasses.asdict(specs.head)},
+        specs=dataclasses.asdict(specs), training_data=training_data, versions=package_versions())
 
 
 def train_iterator(specs: Specs, encoder: SampleEncoder):
@@ -133,6 +154,7 @@ def train(specs: Specs, encoder: SampleEncoder, *, on_step=None, extra_eval: Eva
     evaluation with the NNX modules {"model", "head"} of the current params; a value that is an
     (N, H, W, 3) uint8 array (e.g. predicted vs true boxes) is logged as an image grid.
     """
+    started = time.time()
     run = specs.run
     workdir = pathlib.Path(run.workdir)
 
@@ -169,7 +191,9 @@ def train(specs: Specs, encoder: SampleEncoder, *, on_step=None, extra_eval: Eva
     built.params = None  # the state holds them now (on their shardings)
 
     # --- evaluation ---
-    evaluators = [val_evaluator(specs, encoder, vocab)] if specs.data.val_jsonl else []
+    settings = run_settings(specs, encoder, vocab, built.model_config)
+    evaluators = [val_evaluator(specs, encoder, vocab, num_teachers=settings.num_teachers)
+                  ] if specs.data.val_jsonl else []
     evaluators += [extra_eval] if extra_eval is not None else []
 
     # --- the loop ---
@@ -180,7 +204,6 @@ def train(specs: Specs, encoder: SampleEncoder, *, on_step=None, extra_eval: Eva
                          eval_every=specs.eval.every, checkpoint_every=specs.checkpoint.every,
                          max_consecutive_nonfinite=run.max_consecutive_nonfinite,
                          peak_flops=run.peak_tflops_per_device * 1e12 * jax.device_count())
-    meta = {"specs": dataclasses.asdict(specs), "caption_vocab": str(workdir / "caption_vocab.json")}
     try:
         result = loop.train_loop(
             spec, state=state, train_step=train_step, batches=data_it,
@@ -189,16 +212,16 @@ def train(specs: Specs, encoder: SampleEncoder, *, on_step=None, extra_eval: Eva
             lr_fns=schedules,
             step_flops=lambda h: batch_flops(built.model_config, h, head_params=head_params) * jax.process_count(),
             token_count=lambda h: int((h["segment_ids"] > 0).sum()) * jax.process_count(),
-            meta=meta, on_step=on_step)
+            meta=settings.to_dict(), on_step=on_step)
 
         # --- export ---
         hf_export = None
         if run.export_hf_at_end and result.stop_reason == "done":
             hf_export = str(export_state(built, result.state["params"], workdir.absolute() / "hf_export",
-                                         specs.model.hf_dir))
+                                         settings.at_step(result.step), logger.last))
             log.info("exported to %s", hf_export)
-        summary = {**result.last_eval_metrics, **result.last_train_metrics,
-                   "step": result.step, "stop_reason": result.stop_reason,
+        summary = {**logger.last, "step": result.step, "stop_reason": result.stop_reason,
+                   "wall_time_s": time.time() - started, "versions": settings.versions,
                    "last_checkpoint": None if result.last_checkpoint is None
                    else str(ckpt.path(result.last_checkpoint)),
                    "hf_export": hf_export}
@@ -209,13 +232,13 @@ def train(specs: Specs, encoder: SampleEncoder, *, on_step=None, extra_eval: Eva
     return result
 
 
-def export_state(built: Built, params, out: pathlib.Path, base_hf_dir: str) -> pathlib.Path:
+def export_state(built: Built, params, out: pathlib.Path, settings: Settings, metrics) -> pathlib.Path:
     """Gathers the params on every process, then process 0 writes the HF export."""
     replicated = jax.jit(lambda p: p, out_shardings=NamedSharding(built.mesh, P()))(params)
     host = jax.device_get(replicated)
     if jax.process_index() != 0:
         return out
-    return export_trained(built.modules(host), out, base_hf_dir, built.caption_vocab, overwrite=True)
+    return export_trained(built.modules(host), out, settings, metrics, overwrite=True)
 
 
 def test_forward_pass(specs: Specs, encoder: SampleEncoder) -> dict[str, float]:

@@ -19,6 +19,7 @@ size never recompiles. Each function mirrors one piece of transformers' Qwen2.5-
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -40,6 +41,29 @@ NORMALIZED = (((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
 # The 3B checkpoint's preprocessor_config.json.
 DEFAULT_MIN_PIXELS = 3136
 DEFAULT_MAX_PIXELS = 12845056
+
+
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def read_pixel_limits(folder: str | os.PathLike) -> tuple[int, int]:
+    """(min_pixels, max_pixels) a model folder's processor config sets, read as transformers reads
+    it (``size`` shortest/longest edge, overridden by the legacy keys); the defaults without one."""
+    path = os.path.join(folder, PROCESSOR_FILE)
+    if not os.path.isfile(path):
+        return DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    size = config.get("size") or {}
+    low = config.get("min_pixels", size.get("shortest_edge", DEFAULT_MIN_PIXELS))
+    high = config.get("max_pixels", size.get("longest_edge", DEFAULT_MAX_PIXELS))
+    return int(low), int(high)
+
+
+def with_pixel_limits(config: dict, min_pixels: int, max_pixels: int) -> dict:
+    """A processor config that resizes with these limits, in both forms transformers reads."""
+    return {**config, "min_pixels": min_pixels, "max_pixels": max_pixels,
+            "size": {**(config.get("size") or {}), "shortest_edge": min_pixels, "longest_edge": max_pixels}}
 
 
 def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = DEFAULT_MIN_PIXELS,
@@ -71,7 +95,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+# What every image argument accepts: a file path (JSONL records), a PIL image or a uint8 array.
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+def load_image(source: ImageInput) -> Image.Image:
     """A photo as people and transformers see it: upright, RGB (``to_rgb``).
 
     A file or PIL image is turned by its EXIF orientation (``ImageOps.exif_transpose``): phones
