@@ -145,15 +145,18 @@ def main() -> None:
     t0 = time.perf_counter()
     compiled = step.lower(params, opt_state, batch).compile()
     compile_s = time.perf_counter() - t0
+    print(f"compile: {compile_s:.1f} s (init {init_s:.1f} s)")  # as they happen: a GPU session streams them
     mem = compiled.memory_analysis()
     losses, times = [], []
     for i in range(steps + 1):  # the first run is warm-up
         t0 = time.perf_counter()
         params, opt_state, loss = compiled(params, opt_state, batch)
         jax.block_until_ready((params, opt_state))
+        dt = time.perf_counter() - t0
         if i:
-            times.append(time.perf_counter() - t0)
+            times.append(dt)
         losses.append(float(loss))
+        print(f"step {i}{' (warm-up)' if not i else ''}: {dt:.4f} s, loss {losses[-1]:.4f}")
     if not all(np.isfinite(losses)):
         raise RuntimeError(f"non-finite loss: {losses}")
 

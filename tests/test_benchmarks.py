@@ -1,6 +1,7 @@
-"""benchmarks/mfu.py, collectives.py and loader.py run end to end at their tiny size (same code as
+"""benchmarks/mfu.py, collectives.py, loader.py, packing.py and device_session.py run end to end at their tiny size (same code as
 the 3B runs) and print their headlines. They run as programs: tests import nothing from benchmarks/
 (the FLOP count they print is bbu_jax.training.flops, checked by hand in test_perf_flops.py)."""
+import json
 import os
 import re
 import subprocess
@@ -59,3 +60,47 @@ def test_loader_at_3b_budgets_prints_headline():
     # packing puts several samples in a row: more samples per row, more of the token budget used
     assert float(rows["packed"][8]) > float(rows["standard"][8]) == 1.0
     assert float(rows["packed"][6].rstrip("%")) > float(rows["standard"][6].rstrip("%"))
+
+
+def test_packing_plans_and_prints_headline(tiny_hf_dir):
+    """benchmarks/packing.py end to end on a few field-like photos at configs/base.py's pixel limits:
+    budgets planned for them, batches drawn through the train iterator, the fill per batch."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "packing.py"), "--field_photos", "12",
+                          "--hf_dir", str(tiny_hf_dir), "--pack_buffer", "8", "--batches", "2", "--no-record"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    m = re.fullmatch(r"packing: token fill (\S+)%, patch fill (\S+)% \(budgets 8192 tokens, (\d+) patches, "
+                     r"(\d+) segments per row\)", lines[-1])
+    assert m and 0 < float(m.group(1)) <= 100 and 0 < float(m.group(2)) <= 100, lines[-1]
+    assert int(m.group(3)) % 4 == 0 and int(m.group(4)) >= 1
+    assert any(line.startswith("budgets for 8 rows") for line in lines)
+    assert any(line.startswith("padding by cause") for line in lines)
+
+
+def test_device_session_cpu_runs_every_phase(tmp_path):
+    """benchmarks/device_session.py --cpu: the lent GPU's session at tiny size on the CPU, every line
+    stamped with its time and phase as it comes, the log and a summary in --out. Carried wheels of
+    packages already installed are left alone (here: all of them)."""
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "numpy-0.0-py3-none-any.whl").touch()
+    out_dir = tmp_path / "out"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_session.py"), "--cpu", "--out",
+                          str(out_dir), "--wheels", str(wheels)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert all(re.match(r"\[ *\d+\.\ds \w+\] ", line) for line in lines), lines
+    assert re.search(r"\] device_session: 4/4 phases ok in \d+ s$", lines[-1]), lines[-1]
+    assert "nothing to install" in lines[1]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert [(p["phase"], p["status"]) for p in summary["phases"]] == [
+        ("env", "ok"), ("flash_check", "ok"), ("mfu_tiny", "ok"), ("loader_tiny", "ok")]
+    log = (out_dir / "session.log").read_text()
+    assert log.strip().splitlines() == lines
+    for shown in (r"env\] jax \d", r"flash_check\] .*1 passed", r"mfu_tiny\] compile: ", r"mfu_tiny\] step 2: ",
+                  r"mfu_tiny\] mfu: ", r"loader_tiny\] loader: "):
+        assert re.search(shown, log), shown

@@ -27,7 +27,10 @@ def processor_inputs(hf_dir: str | os.PathLike, texts: Sequence[str],
     (num_patches, 1176) and image_grid_thw (num_images, 3), as the HF processor does.
     ``image_kwargs`` (e.g. min_pixels, max_pixels) go to the image processor.
     """
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
+    # The PIL processor, named: the one bbu_jax matches; AutoImageProcessor picks it only in some
+    # transformers 5.x (others pick, or require, the torchvision one).
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     tokenizer.padding_side = padding_side
@@ -35,7 +38,7 @@ def processor_inputs(hf_dir: str | os.PathLike, texts: Sequence[str],
     texts = list(texts)
     flat_images = [im for per_text in (images or []) for im in per_text]
     if flat_images:
-        processor = AutoImageProcessor.from_pretrained(hf_dir, local_files_only=True)
+        processor = Qwen2VLImageProcessorPil.from_pretrained(hf_dir, local_files_only=True)
         feats = processor(images=flat_images, return_tensors="np", **image_kwargs)
         grids = np.asarray(feats["image_grid_thw"])
         out["pixel_values"] = np.asarray(feats["pixel_values"], np.float32)
