@@ -31,7 +31,7 @@ def main(argv) -> int:
     from bbu_jax.workflows.config import ConfigError, build_specs
     from bbu_jax.workflows.train import make_encoder
     try:
-        specs = build_specs(_CONFIG.value)
+        specs = build_specs(_CONFIG.value, platform="cpu")  # host-side planning: starts no GPU backend
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1

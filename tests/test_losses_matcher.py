@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from bbu_jax.losses.matcher import hungarian_match
+from bbu_jax.losses.matcher import hungarian_match, resolve_matcher
 
 
 def _problems(seed, b=5, q=9, m=6):
@@ -71,3 +71,14 @@ def test_no_gradient_through_matching():
     for k, j in zip(*np.nonzero(match >= 0)):
         expected[k, match[k, j], j] = 1.0
     np.testing.assert_array_equal(grad, expected)
+
+
+@pytest.mark.parametrize("platform, method", [("cpu", "scipy"), ("gpu", "optax"), ("tpu", "optax")])
+def test_auto_matcher_stays_on_the_device_of_an_accelerator(platform, method):
+    assert resolve_matcher("auto", platform) == method
+    assert resolve_matcher("scipy", platform) == "scipy"
+    with pytest.raises(ValueError, match="matcher"):
+        resolve_matcher("greedy", platform)
+    cost, valid = _problems(0)
+    with pytest.raises(ValueError, match="auto"):
+        hungarian_match(jnp.asarray(cost), jnp.asarray(valid), method="auto")  # resolved where the settings are built, never here

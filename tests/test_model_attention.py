@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bbu_jax.models.attention import attention
+from bbu_jax.models.attention import attention, resolve_implementation
 from bbu_jax.models.qwen2_5_vl.config import TextConfig
 from bbu_jax.models.qwen2_5_vl.text import DecoderLayer, mrope_cos_sin
 
@@ -98,3 +98,17 @@ def test_blocked_xla_attention_matches_reference(causal, local_window):
     fn = jax.jit(attention, static_argnames=("causal", "implementation", "local_window"))
     out = fn(q, k, v, seg, seg, causal=causal, implementation="xla", local_window=local_window)
     np.testing.assert_allclose(np.asarray(out), reference(q, k, v, seg, causal), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform, kernel", [("gpu", "pallas"), ("cpu", "xla"), ("tpu", "xla")])
+def test_auto_resolves_to_the_platforms_kernel(platform, kernel):
+    assert resolve_implementation("auto", platform) == kernel
+    assert resolve_implementation("cudnn", platform) == "cudnn"  # a named kernel is kept anywhere
+    with pytest.raises(ValueError, match="implementation"):
+        resolve_implementation("flash9", platform)
+
+
+def test_attention_refuses_an_unresolved_auto():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="auto"):
+        attention(q, k, v, SEGMENTS, SEGMENTS, causal=True, implementation="auto")

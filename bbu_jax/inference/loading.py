@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bbu_jax.models.attention import resolve_implementation
 from bbu_jax.models.detection_head import DetectionHead
 from bbu_jax.models.detection_head_files import CONFIG as HEAD_CONFIG
 from bbu_jax.models.detection_head_files import check_detection_head, load_detection_head
@@ -47,11 +48,6 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def default_attention() -> str:
-    """The fused kernel on GPU, XLA's attention elsewhere."""
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
-
-
 def find_step(path: str | Path) -> Path | None:
     """The checkpoint step ``path`` names (a step folder, or a run folder's newest step); None
     when ``path`` is neither."""
@@ -64,11 +60,12 @@ def find_step(path: str | Path) -> Path | None:
 
 def load_trained(path: str | Path, *, dtype: str | None = None, attention_impl: str | None = None) -> Trained:
     """The model (+ head, caption vocabulary, settings) at ``path`` (see the module doc), with
-    params and compute in ``dtype`` (default `default_dtype`) and ``attention_impl`` (default
-    `default_attention`)."""
+    params and compute in ``dtype`` (default `default_dtype`) and ``attention_impl`` (default "auto":
+    the flash kernel on GPU, "xla" elsewhere). The settings record the kernel training ran, which
+    loading never follows: a run trained on a GPU loads on the CPU with the CPU's kernel."""
     path = Path(path)
     dtype = dtype or default_dtype()
-    attention_impl = attention_impl or default_attention()
+    attention_impl = resolve_implementation(attention_impl or "auto", jax.default_backend())
     if (path / "config.json").is_file():
         return _load_export(path, dtype, attention_impl)
     if checkpointing.is_step_dir(path):

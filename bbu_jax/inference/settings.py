@@ -19,11 +19,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from bbu_jax.data.encode import SampleEncoder
 from bbu_jax.foundation.files import write_json_atomic
 from bbu_jax.losses import LossSpec, LossWeights, MatchCost
+from bbu_jax.losses.matcher import resolve_matcher
 from bbu_jax.models.detection_head import HeadSpec
 
 FORMAT = "bbu_jax.settings"
@@ -101,11 +103,13 @@ class Settings:
         return HeadSpec(**{k: v for k, v in self.head.items() if k != "llm_hidden"})
 
     def loss_spec(self) -> LossSpec:
-        """The run's loss weights: a val loss total means what it meant in training."""
+        """The run's loss weights: a val loss total means what it meant in training. The matcher is
+        this machine's ("auto"), not the recorded one: both are exact, only their cost differs."""
         loss = self.specs["loss"]
         weights = dict(loss["weights"])
         weights["match"] = MatchCost(**weights["match"])
-        return LossSpec(**{**loss, "weights": LossWeights(**weights)})
+        return LossSpec(**{**loss, "weights": LossWeights(**weights),
+                           "matcher": resolve_matcher("auto", jax.default_backend())})
 
     def caption_vocab_array(self) -> np.ndarray | None:
         return None if self.caption_vocab is None else np.asarray(self.caption_vocab, np.int32)

@@ -1,9 +1,11 @@
 """Hungarian matching of predicted queries to padded ground-truth columns, usable inside jit.
 
-Two back ends with one contract: ``"scipy"`` (default) runs scipy's linear_sum_assignment on the
-host through ``jax.pure_callback``; ``"optax"`` runs ``optax.assignment.hungarian_algorithm`` on
-the device (no host round trip, slower per problem on CPU). The cost is stop-gradient'ed: the
-assignment is a constant of the loss, as in DETR.
+Two back ends with one contract: ``"scipy"`` runs scipy's linear_sum_assignment on the host
+through ``jax.pure_callback``; ``"optax"`` runs ``optax.assignment.hungarian_algorithm`` on the
+device. A config says ``"auto"`` (`resolve_matcher`): on an accelerator the callback would stop
+the device every step for a copy of the costs to the host, the solve and a copy back, so the
+matching stays on the device; on the CPU the host is the device, and scipy's solver is the faster
+one per problem. The cost is stop-gradient'ed: the assignment is a constant of the loss, as in DETR.
 
 Padded GT columns get one constant cost (above every valid cost) within a problem: with Q >= M that
 constant adds the same amount to every assignment, so it cannot change which queries the valid
@@ -18,7 +20,18 @@ import optax
 from jaxtyping import Array, Bool, Float, Int
 from scipy.optimize import linear_sum_assignment
 
-MATCHERS = ("scipy", "optax")
+METHODS = ("scipy", "optax")
+MATCHERS = ("auto",) + METHODS  # what a config may name
+
+
+def resolve_matcher(name: str, platform: str) -> str:
+    """The method ``name`` stands for on ``platform`` (a jax backend name, ``jax.default_backend()``):
+    "auto" is "scipy" on the CPU and "optax" on any accelerator; a method's name stands for itself."""
+    if name not in MATCHERS:
+        raise ValueError(f"unknown matcher {name!r}; expected one of {MATCHERS}")
+    if name != "auto":
+        return name
+    return "scipy" if platform == "cpu" else "optax"
 
 
 def _prepare_cost(cost: Float[Array, "b q m"], gt_valid: Bool[Array, "b m"]) -> Float[Array, "b q m"]:
@@ -58,8 +71,9 @@ def hungarian_match(cost: Float[Array, "b q m"], gt_valid: Bool[Array, "b m"], *
                     method: str = "scipy") -> Int[Array, "b m"]:
     """Query index matched to each GT column; -1 for padded columns (and for valid columns left
     over when there are more valid GT than queries). Jittable and vmappable; no gradient."""
-    if method not in MATCHERS:
-        raise ValueError(f"unknown matcher {method!r}; expected one of {MATCHERS}")
+    if method not in METHODS:
+        raise ValueError(f"unknown matcher {method!r}; expected one of {METHODS} (\"auto\" is resolved "
+                         f"where the settings are built)")
     gt_valid = gt_valid.astype(bool)
     prepared = _prepare_cost(cost, gt_valid)
     if method == "scipy":

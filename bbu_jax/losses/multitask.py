@@ -49,7 +49,7 @@ class LossSpec:
     weights: LossWeights
     aux_loss: bool
     lm_chunk: int  # tokens per chunk of the LM loss
-    matcher: str  # one of matcher.MATCHERS
+    matcher: str  # one of matcher.METHODS (a config's "auto" is resolved by workflows.config.build_specs)
 
 
 def loss_normalizers(batch: Mapping[str, ArrayLike]) -> dict[str, Array]:

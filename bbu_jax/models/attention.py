@@ -2,13 +2,27 @@
 
 Mask (MaxText attention_op): ``(seg_q == seg_kv) & (seg_kv > 0) [& kv_index <= q_index]``.
 Rows with no visible key (padding queries) return 0, never NaN. ``implementation`` picks the
-kernel: "xla" is an explicit masked softmax in f32, blocked over queries so that keys a block
-cannot see (causal future, outside a local window) are never scored -- on the CPU, where (L, L)
-f32 scores cost mostly memory traffic, this roughly halves causal attention; "jax" / "cudnn" are
-``jax.nn.dot_product_attention`` (cudnn: fused on GPU, scores never materialized, but every
-(query, key) pair of the row is computed and the mask travels as an (L, L) bias); "pallas" is
-``flash_attention.segment_flash_attention`` (fused, and only the blocks of keys a block of queries
-can see are computed) for self-attention, with "jax" for cross-attention and KV-cache decoding.
+kernel (`KERNELS`; a config may also say "auto", see `resolve_implementation`):
+
+- "xla": an explicit masked softmax in f32, blocked over queries so that keys a block cannot see
+  (causal future, outside a local window) are never scored -- on the CPU, where (L, L) f32
+  scores cost mostly memory traffic, this roughly halves causal attention.
+- "pallas": ``flash_attention.segment_flash_attention`` for self-attention (fused, and only the
+  blocks of keys a block of queries can see are computed), "jax" for cross-attention and
+  KV-cache decoding. Triton's blocks are powers of two, so the vision tower's head dim 80 is
+  zero-padded to 128 inside the kernel (1.6x the QK^T / PV work of its attention, which is a
+  small share of the tower: 64-patch windows in 28 of 32 blocks); cuDNN would take 80 as it is,
+  but only with the dense (L, L) mask below, which over a 16k-patch row costs far more.
+- "jax" / "cudnn": ``jax.nn.dot_product_attention`` (cudnn: fused on GPU, scores never
+  materialized). Its public signature (jax 0.10.2 and 0.11.x alike) has ``mask``, ``bias``,
+  ``is_causal``, ``query_seq_lengths`` / ``key_value_seq_lengths`` (one valid length per row,
+  i.e. right padding) and ``local_window_size`` -- no segment ids. cuDNN's packed layout
+  (per-segment ``q_offsets`` / ``kv_offsets``, Hopper only) exists only in the private
+  ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention``, which cannot even be lowered
+  without a GPU; it is not used. So a packed row travels as a dense (L, L) mask (turned into a
+  bias) and every (query, key) pair of the row is computed; with ``causal`` (and the query at key
+  index i, no KV-cache offset) ``is_causal=True`` is passed as well, which lets cuDNN skip the
+  blocks above the diagonal -- about half the pairs.
 """
 from __future__ import annotations
 
@@ -18,7 +32,20 @@ from jaxtyping import Array, Float, Int
 
 from bbu_jax.models.flash_attention import segment_flash_attention
 
-IMPLEMENTATIONS = ("xla", "jax", "cudnn", "pallas")
+KERNELS = ("xla", "jax", "cudnn", "pallas")
+IMPLEMENTATIONS = ("auto",) + KERNELS  # what a config or a command-line flag may name
+
+
+def resolve_implementation(name: str, platform: str) -> str:
+    """The kernel ``name`` stands for on ``platform`` (a jax backend name, ``jax.default_backend()``):
+    "auto" is the block-skipping flash kernel on GPU and the blocked "xla" softmax elsewhere (the
+    Triton kernel compiles only for GPUs; elsewhere Pallas would interpret it); a kernel's name
+    stands for itself."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; one of {IMPLEMENTATIONS}")
+    if name != "auto":
+        return name
+    return "pallas" if platform == "gpu" else "xla"
 
 
 def attention_mask(q_segment_ids: Int[Array, "b lq"], kv_segment_ids: Int[Array, "b lk"], *,
@@ -56,11 +83,14 @@ def attention(q: Float[Array, "b lq hq d"], k: Float[Array, "b lk hkv d"], v: Fl
                                   scale=scale, local_window=local_window)
     mask = attention_mask(q_segment_ids, kv_segment_ids, causal=causal, q_offset=q_offset)
     if implementation in ("jax", "cudnn"):
+        # the kernels' causal mask puts query i at key i: only true without a KV-cache offset
+        aligned = isinstance(q_offset, int) and q_offset == 0 and lq == k.shape[1]
         out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask[:, None], scale=scale,
+            q, k, v, mask=mask[:, None], scale=scale, is_causal=causal and aligned,
             implementation=None if implementation == "jax" else "cudnn")
     else:
-        raise ValueError(f"unknown attention implementation {implementation!r}; one of {IMPLEMENTATIONS}")
+        raise ValueError(f"unknown attention implementation {implementation!r}; one of {KERNELS} "
+                         f"(\"auto\" is resolved where the settings are built)")
     return jnp.where(mask.any(-1)[:, :, None, None], out, 0).astype(q.dtype)
 
 
