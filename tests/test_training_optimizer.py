@@ -123,3 +123,12 @@ def test_state_shardings_follow_params(task):
     mu = sh["opt_state"][-1].inner_states["llm"].inner_state[0].mu
     assert mu["model"]["layer"]["kernel"].spec == shard["model"]["layer"]["kernel"].spec
     assert sh["step"].spec == jax.sharding.PartitionSpec()
+
+
+def test_frozen_groups_are_the_lr_zero_ones_not_a_delayed_head():
+    """Only groups at lr 0 for the whole run skip their gradient: a head frozen for its first steps
+    (head_freeze_steps) needs it once it thaws."""
+    assert opt.frozen_groups(toy.optim_spec(LRS)) == {"vision"}
+    assert opt.frozen_groups(toy.optim_spec({**LRS, "detection": 0, "adapter": 0.0})) == {
+        "vision", "detection", "adapter"}
+    assert opt.frozen_groups(toy.optim_spec({g: 1e-3 for g in opt.GROUPS}, head_freeze_steps=5)) == frozenset()

@@ -182,3 +182,74 @@ def test_loop_logs_eval_scalars_and_image_grids(single, tmp_path):
     assert result.last_checkpoint == 2  # the last step is always saved
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x for x in lines if "val/mAP50" in x] == [{"step": 1, "val/mAP50": 0.5}, {"step": 2, "val/mAP50": 0.5}]
+
+
+def _frozen_setup(lrs, frozen, grad_clip_norm=1.0):
+    """The toy step with ``lrs`` that leaves the loss undifferentiated w.r.t. the ``frozen`` groups."""
+    from bbu_jax.training import optimizer as opt
+    from bbu_jax.training import train_state
+
+    _, params, _, loss_fn = toy.make_task(seed=0)
+    tx, _ = opt.make_optimizer(params, toy.optim_spec(lrs, grad_clip_norm=grad_clip_norm), total_steps=10)
+    mesh = toy.make_mesh(1, 1, 1)
+    shardings = train_state.state_shardings(train_state.abstract_state(params, tx, 0),
+                                            toy.param_shardings(params, mesh), mesh)
+    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=toy.count_fn, tx=tx, labels=opt.group_labels(params),
+                                 state_shardings=shardings, mesh=mesh, frozen=frozenset(frozen))
+    return lambda: train_state.create_state(params, tx, 0, shardings), fn
+
+
+FROZEN_VISION = {**LRS, "vision": 0.0}
+
+
+def test_frozen_group_gets_no_gradient_and_same_updates():
+    """vision at lr 0: differentiating only the trainable groups gives the loss, params and
+    optimizer state of differentiating everything (the state's layout included, so checkpoints of
+    either restore into the other); the frozen params stay as loaded and the frozen group has no
+    gn/ metric. Without clipping the updates are the same; the global norm (logged, clipped to)
+    no longer counts the frozen group's gradient, as it never counted a frozen head's."""
+    from bbu_jax.training import optimizer as opt
+
+    assert opt.frozen_groups(toy.optim_spec(FROZEN_VISION)) == {"vision"}
+    batches = [toy.make_batch(s, accum=2) for s in range(2)]
+    make_all, fn_all = _frozen_setup(FROZEN_VISION, (), grad_clip_norm=0.0)
+    make_live, fn_live = _frozen_setup(FROZEN_VISION, ("vision",), grad_clip_norm=0.0)
+    start = _host(make_all())
+    s_all, s_live = make_all(), make_live()
+    for b in batches:
+        s_all, out_all = fn_all(s_all, b)
+        s_live, out_live = fn_live(s_live, b)
+        m_all, m_live = jax.device_get(out_all["metrics"]), jax.device_get(out_live["metrics"])
+        assert set(m_all) - set(m_live) == {"gn/vision"} and "gn/merger" in m_live
+        for k in set(m_live) - {"grad_norm"}:
+            np.testing.assert_allclose(m_live[k][0], m_all[k][0], rtol=1e-6, err_msg=k)
+        np.testing.assert_allclose(m_live["grad_norm"][0] ** 2,
+                                   m_all["grad_norm"][0] ** 2 - m_all["gn/vision"][0] ** 2, rtol=1e-5)
+    assert jax.tree_util.tree_structure(s_all) == jax.tree_util.tree_structure(s_live)
+    for a, b in zip(jax.tree_util.tree_leaves(_host(s_all)), jax.tree_util.tree_leaves(_host(s_live))):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9)
+    live = _host(s_live["params"])
+    np.testing.assert_array_equal(live["model"]["visual"]["patch_embed"]["kernel"],
+                                  start["params"]["model"]["visual"]["patch_embed"]["kernel"])
+    assert not np.array_equal(live["model"]["layer"]["kernel"], start["params"]["model"]["layer"]["kernel"])
+
+
+def test_frozen_group_backward_is_not_compiled():
+    """The step's compiled FLOPs with vision frozen are below those with vision trainable by at
+    least vision's weight-gradient products (2 x rows x its kernel size); differentiating
+    everything at the same lrs (the frozen group's gradient computed, then dropped) keeps them."""
+    rows = 256
+    batch = toy.make_batch(0, rows=rows, accum=1)
+
+    def flops(lrs, frozen):
+        make, fn = _frozen_setup(lrs, frozen)
+        state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), make())
+        cost = fn.lower(state, batch).compile().cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+    trainable, frozen, computed = flops(LRS, ()), flops(FROZEN_VISION, ("vision",)), flops(FROZEN_VISION, ())
+    weight_grads = 2 * rows * toy.FEAT * toy.DIM
+    print(f"step FLOPs: vision trainable {trainable:.0f}, frozen {frozen:.0f}, lr 0 but differentiated "
+          f"{computed:.0f}; vision weight-gradient products {weight_grads}")
+    assert frozen <= trainable - weight_grads
+    assert frozen <= computed - weight_grads

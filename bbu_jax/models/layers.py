@@ -12,6 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
 
 from bbu_jax.foundation.sharding import constrain, gathered_weight
@@ -47,12 +48,31 @@ def layer_loop(body, *, scan: bool, in_axes, out_axes):
     return nnx.scan(body, in_axes=in_axes, out_axes=out_axes, unroll=1 if scan else True)
 
 
+# The matmul outputs a block names with ``checkpoint_name`` (MaxText's names), and the remat policies
+# that keep them for the backward pass: a kept output costs its activation memory per layer and
+# spares recomputing that product. What stays unnamed is recomputed under every policy but "none":
+# the attention scores (the backward needs them or the kernel's own residuals anyway) and down_proj,
+# whose output only feeds the residual stream (the next layer's saved input).
+_QKV = ("query_proj", "key_proj", "value_proj", "qkv_proj")  # qkv_proj: the vision tower's fused one
+SAVED_NAMES: dict[str, tuple[str, ...]] = {
+    "save_qkv_proj": _QKV,
+    "save_qkv_attn": (*_QKV, "out_proj"),  # + the attention block's output (after o_proj)
+    "save_matmuls": (*_QKV, "out_proj", "mlp_gate", "mlp_up"),
+}
+
+
 def remat_policy(name: str):
-    """``"none"`` (no remat), ``"full"`` (save nothing) or a ``jax.checkpoint_policies`` name."""
-    if name in ("none", "full"):
+    """``"none"`` (no remat), ``"full"`` (save only each layer's input), a ``SAVED_NAMES`` policy
+    or a ``jax.checkpoint_policies`` name. ``"auto"`` is chosen per compiled train step from its
+    memory estimate (the training workflow sets the choice on the model it traces); a model traced
+    without that choice remats fully, the policy that fits wherever any does."""
+    if name in ("none", "full", "auto"):
         return None
+    if name in SAVED_NAMES:
+        return jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES[name])
     if not hasattr(jax.checkpoint_policies, name):
-        raise ValueError(f"unknown remat policy {name!r}")
+        raise ValueError(f"unknown remat policy {name!r}: 'auto', 'none', 'full', one of {sorted(SAVED_NAMES)} "
+                         f"or a jax.checkpoint_policies name")
     return getattr(jax.checkpoint_policies, name)
 
 
@@ -136,7 +156,9 @@ class GatedMLP(nnx.Module):
         self.act = act
 
     def __call__(self, x):
-        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+        gate = checkpoint_name(self.gate_proj(x), "mlp_gate")
+        up = checkpoint_name(self.up_proj(x), "mlp_up")
+        return self.down_proj(activation(self.act)(gate) * up)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

@@ -79,6 +79,13 @@ class OptimSpec:
 LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}  # rule -> power of the batch ratio
 
 
+def frozen_groups(spec: OptimSpec) -> frozenset[str]:
+    """Groups at lr 0 for the whole run (batch scaling keeps a zero at zero): no optimizer state,
+    and the train step computes no gradient for them. A head frozen only for its first
+    head_freeze_steps is not one of them: its gradient is needed once it thaws."""
+    return frozenset(g for g in GROUPS if float(spec.lrs[g]) == 0.0)
+
+
 def lr_scale(rule: str, effective_batch: int, reference_batch: int) -> float:
     """Multiplier of every group's lr: (effective / reference) ** power of the rule."""
     return (effective_batch / reference_batch) ** LR_SCALING[rule]
@@ -160,12 +167,13 @@ def make_optimizer(params, spec: OptimSpec, *, total_steps: int, batch_scale: fl
     """
     labels = group_labels(params, rules)
     present = set(jax.tree_util.tree_leaves(labels))
+    frozen = frozen_groups(spec)
     txs, schedules = {}, {}
     for group in GROUPS:
         if group not in present:
             continue
         lr = float(spec.lrs[group]) * batch_scale
-        if lr == 0.0:
+        if group in frozen:
             txs[group] = optax.set_to_zero()
             schedules[group] = lambda step: 0.0
             continue

@@ -17,6 +17,9 @@ The NaN guard: a step whose loss, gradient, new parameters or new optimizer stat
 non-finite value keeps the old state (only the step counter moves). Checking the result and not
 only its inputs matters: a finite gradient times an overflowing learning rate gives inf weights.
 So the state, and every checkpoint of it, only ever holds finite values.
+
+Groups at lr 0 for the whole run are not differentiated at all (``frozen``): a frozen vision tower
+costs its forward pass only.
 """
 from __future__ import annotations
 
@@ -70,29 +73,51 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
 
 
+def _take(tree, positions: list[int]) -> list:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return [leaves[i] for i in positions]
+
+
+def _put(tree, positions: list[int], values: list):
+    """tree with its leaves at ``positions`` (flat order) replaced by ``values``."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    for i, v in zip(positions, values):
+        leaves[i] = v
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def train_step(state: State, batch: dict, *, loss_fn: LossFn, count_fn: CountFn,
-               tx: optax.GradientTransformation, labels) -> tuple[State, dict[str, Metrics | jax.Array]]:
+               tx: optax.GradientTransformation, labels, frozen: frozenset[str] = frozenset()
+               ) -> tuple[State, dict[str, Metrics | jax.Array]]:
+    """One optimizer step. ``frozen``: groups at lr 0 for the whole run (optimizer.frozen_groups).
+    The loss is differentiated w.r.t. the other leaves only and the frozen ones enter it as
+    constants, so their backward pass (weight gradients, activations kept for them, a frozen vision
+    tower's whole backward) is never built; the optimizer gets zeros there (its frozen groups
+    ignore them) and they have no gn/ metric."""
     counts = total_counts(count_fn, batch)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    params = state["params"]
+    live = [i for i, g in enumerate(jax.tree_util.tree_leaves(labels)) if g not in frozen]
+    grad_fn = jax.value_and_grad(lambda t, mb: loss_fn(_put(params, live, t), mb, counts, rng), has_aux=True)
 
     def micro(mb):
-        (loss, metrics), grads = grad_fn(state["params"], mb, counts, rng)
+        (loss, metrics), grads = grad_fn(_take(params, live), mb)
         return loss, metrics, grads
 
     loss, metrics, grads = _scan_micro(micro, batch)
-    grads_by_group = group_norms(grads, labels)
+    grads_by_group = group_norms(grads, _take(labels, live))
     grad_norm = optax.tree.norm(grads)
     grads_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Non-finite grads must not reach the optimizer state either: zero them, then keep the old state.
-    safe_grads = jax.tree_util.tree_map(lambda g: jnp.where(grads_ok, g, jnp.zeros_like(g)), grads)
-    updates, new_opt = tx.update(safe_grads, state["opt_state"], state["params"])
-    new_params = optax.apply_updates(state["params"], updates)
+    safe_grads = _put(jax.tree_util.tree_map(jnp.zeros_like, params), live,
+                      [jnp.where(grads_ok, g, jnp.zeros_like(g)) for g in grads])
+    updates, new_opt = tx.update(safe_grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
     ok = grads_ok & all_finite((new_params, new_opt))
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     new_state = {
         "step": state["step"] + 1,
-        "params": keep(new_params, state["params"]),
+        "params": keep(new_params, params),
         "opt_state": keep(new_opt, state["opt_state"]),
         "rng": state["rng"],
         "nonfinite_streak": jnp.where(ok, 0, state["nonfinite_streak"] + 1).astype(jnp.int32),
@@ -116,13 +141,14 @@ def train_step(state: State, batch: dict, *, loss_fn: LossFn, count_fn: CountFn,
 
 
 def jit_train_step(*, loss_fn: LossFn, count_fn: CountFn, tx: optax.GradientTransformation,
-                   labels, state_shardings: State, mesh: Mesh):
+                   labels, state_shardings: State, mesh: Mesh, frozen: frozenset[str] = frozenset()):
     """train_step compiled with explicit in/out shardings; the input state is donated."""
     replicated = NamedSharding(mesh, P())
 
     def fn(state, batch):
         with mesh_context(mesh):
-            return train_step(state, batch, loss_fn=loss_fn, count_fn=count_fn, tx=tx, labels=labels)
+            return train_step(state, batch, loss_fn=loss_fn, count_fn=count_fn, tx=tx, labels=labels,
+                              frozen=frozen)
 
     return jax.jit(fn, in_shardings=(state_shardings, accumulated_batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))

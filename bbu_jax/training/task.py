@@ -27,9 +27,9 @@ class ModelSpec:
     hf_dir: str
     param_dtype: str  # a DTYPES name
     compute_dtype: str  # a DTYPES name
-    remat_policy: str  # none | full | a jax.checkpoint_policies name
+    remat_policy: str  # auto | none | full | a models.layers.SAVED_NAMES policy | a jax.checkpoint_policies name
     scan_layers: bool
-    attention_impl: str  # one of models.attention.IMPLEMENTATIONS
+    attention_impl: str  # one of models.attention.KERNELS (a config's "auto" is resolved by build_specs)
 
 
 def build_modules(model: ModelSpec, head: HeadSpec | None, *, seed: int, mesh: Mesh | None
@@ -52,8 +52,9 @@ def param_shardings(modules: Mapping[str, nnx.Module], mesh: Mesh):
             for name, m in modules.items()}
 
 
-def make_loss_fn(graphdefs, rest, loss: LossSpec, caption_vocab: np.ndarray | None):
-    """loss_fn(params, batch, counts, rng) -> (total, {name: (sum, count)}) for step.py."""
+def make_loss_fn(graphdefs, rest, loss: LossSpec, caption_vocab: np.ndarray | None, *, remat: str | None = None):
+    """loss_fn(params, batch, counts, rng) -> (total, {name: (sum, count)}) for step.py.
+    ``remat``: the model's remat policy in this loss (a candidate of "auto"); None: as built."""
     detection = "head" in graphdefs
     vocab = None if caption_vocab is None else jnp.asarray(caption_vocab, jnp.int32)
 
@@ -61,6 +62,8 @@ def make_loss_fn(graphdefs, rest, loss: LossSpec, caption_vocab: np.ndarray | No
         del rng  # deterministic model (no dropout)
         mods = train_state.merge_modules(graphdefs, params, rest)
         model = mods["model"]
+        if remat is not None:
+            model.set_remat(remat)
         hidden = model(**{k: batch[k] for k in MODEL_INPUTS})
         return multitask_loss(hidden, model.lm_head_matrix(), batch, loss, head=mods.get("head"),
                               embed_table=model.embed_table(), caption_vocab=vocab, detection=detection,

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int, Shaped
 
-from bbu_jax.models.layers import param
+from bbu_jax.models.layers import param, remat_policy
 from bbu_jax.models.qwen2_5_vl import processing
 from bbu_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from bbu_jax.models.qwen2_5_vl.text import KVCache, TextModel
@@ -41,6 +41,12 @@ class Qwen25VL(nnx.Module):
         """Final-norm hidden states (B, L, D) f32. Without patches the batch is text only."""
         x = self.embed(input_ids, patches, patch_pos, patch_window_ids, patch_image_ids, vision_token_index)
         return self.language_model(x, positions, segment_ids)
+
+    def set_remat(self, policy: str) -> None:
+        """The remat policy of both towers (``layers.remat_policy``), read when the model is traced:
+        the train step sets the one it compiles for on its per-trace copy (remat_policy "auto")."""
+        remat_policy(policy)
+        self.visual.remat = self.language_model.remat = policy
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty KV cache in the compute dtype: (layers, B, L_max, H_kv, D) keys and values."""

@@ -11,6 +11,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from bbu_jax.models.attention import attention
@@ -51,9 +52,11 @@ class TextAttention(nnx.Module):
         written at ``cache_index`` and queries attend over the cache, whose segment ids are
         ``kv_segment_ids`` (B, L_max)."""
         b, l, _ = x.shape
-        q = apply_rope(self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+        # named for the remat policies (layers.SAVED_NAMES)
+        q = checkpoint_name(self.q_proj(x), "query_proj").reshape(b, l, self.num_heads, self.head_dim)
+        k = checkpoint_name(self.k_proj(x), "key_proj").reshape(b, l, self.num_kv_heads, self.head_dim)
+        v = checkpoint_name(self.v_proj(x), "value_proj").reshape(b, l, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q_offset, kv_segments = 0, segment_ids
         if cache is not None:
             start = (0, cache_index, 0, 0)
@@ -63,7 +66,7 @@ class TextAttention(nnx.Module):
             q_offset, kv_segments = cache_index, kv_segment_ids
         out = attention(q, k, v, segment_ids, kv_segments, causal=True, q_offset=q_offset,
                         implementation=self.implementation)
-        return self.o_proj(out.reshape(b, l, -1)), cache
+        return checkpoint_name(self.o_proj(out.reshape(b, l, -1)), "out_proj"), cache
 
 
 class DecoderLayer(nnx.Module):

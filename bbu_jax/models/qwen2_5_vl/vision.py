@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int, Shaped
 
 from bbu_jax.models.attention import attention
@@ -64,7 +65,8 @@ class VisionAttention(nnx.Module):
         """Attention within each image (``is_full``) or each window: a window is a contiguous run
         of at most ``window_patches`` rows, which lets the kernel skip the keys outside it."""
         b, p, _ = x.shape
-        q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, p, 3, self.num_heads, self.head_dim), 2, 0)
+        qkv = checkpoint_name(self.qkv(x), "qkv_proj")  # named for the remat policies (layers.SAVED_NAMES)
+        q, k, v = jnp.moveaxis(qkv.reshape(b, p, 3, self.num_heads, self.head_dim), 2, 0)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         def attend(segment_ids, local_window):
@@ -73,7 +75,7 @@ class VisionAttention(nnx.Module):
 
         out = jax.lax.cond(is_full, lambda: attend(image_ids, None),
                            lambda: attend(window_ids, self.window_patches))
-        return self.proj(out.reshape(b, p, -1))
+        return checkpoint_name(self.proj(out.reshape(b, p, -1)), "out_proj")
 
 
 class VisionBlock(nnx.Module):
