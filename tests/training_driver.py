@@ -6,6 +6,11 @@ separate process: for the SIGKILL/SIGTERM-resume and multi-process tests.
 
 Exits 3 when a signal stopped the loop (as scripts/train.py does); writes W/final_params.npz.
 `start` and `wait` run it from a test.
+
+  python tests/training_driver.py --train_script_shards N [scripts/train.py flags]
+
+runs scripts/train.py in this one process on the global batches that N processes assemble (each
+step: the rows of data shard 0 of N, then of shard 1, ...), the reference for its multi-process runs.
 """
 import argparse
 import os
@@ -119,5 +124,46 @@ def main():
     return 3 if result.stop_reason == "signal" else 0
 
 
+class MergedShards:
+    """One iterator over the rows that N processes' train iterators load, in process order (the
+    order make_array_from_process_local_data lays them out); checkpointable like each of them."""
+
+    def __init__(self, iterators):
+        self.iterators = iterators
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import numpy as np
+
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self):
+        return [it.get_state() for it in self.iterators]
+
+    def set_state(self, state):
+        for it, s in zip(self.iterators, state):
+            it.set_state(s)
+
+
+def train_script_shards(shards: int, argv: list[str]) -> None:
+    """scripts/train.py in this process, its train iterator replaced by the N shards' merged."""
+    import runpy
+
+    from bbu_jax.data.pipeline import make_train_iterator
+    from bbu_jax.workflows import train
+
+    train.train_iterator = lambda specs, encoder: MergedShards([
+        make_train_iterator(specs.data, encoder, seed=specs.run.seed, shard_index=k, shard_count=shards)
+        for k in range(shards)])
+    script = os.path.join(os.path.dirname(DRIVER), os.pardir, "scripts", "train.py")
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")  # exits with the script's status
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--train_script_shards"]:
+        train_script_shards(int(sys.argv[2]), sys.argv[3:])
     sys.exit(main())

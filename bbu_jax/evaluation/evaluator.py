@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from bbu_jax.data.batch import HEAD_INPUTS, MODEL_INPUTS
 from bbu_jax.data.schema import Record
@@ -65,6 +66,8 @@ def evaluate(model: Qwen25VL, head: DetectionHead | None, batches: Iterable[tupl
         # under the params' mesh the step splits activations over rows, as the train step does
         with sharding.mesh_context(mesh):
             metrics, dets = eval_step(model, head, batch, vocab, end_id, loss=loss, top_k=k)
+        # rows of a batch split over several processes: every process decodes the whole batch
+        dets = None if dets is None else multihost_utils.process_allgather(dets, tiled=True)
         for name, (s, c) in metrics.items():
             sums[name] += float(s)
             counts[name] += float(c)

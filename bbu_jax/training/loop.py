@@ -114,6 +114,15 @@ def _on_any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
+def _global_fill_counts(host_batch: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+    """fill_counts of the global batch: each process holds only its rows of it."""
+    counts = fill_counts(host_batch)
+    if jax.process_count() == 1 or not counts:
+        return counts
+    totals = multihost_utils.process_allgather(np.asarray(list(counts.values()), np.int32)).sum(axis=0, dtype=np.int64)
+    return {name: (int(n), int(size)) for name, (n, size) in zip(counts, totals)}
+
+
 def train_loop(spec: LoopSpec, *, state, train_step: Callable, batches: Iterator[dict],
                batch_sharding: NamedSharding, data_iterator, checkpointer: Checkpointer,
                logger: RunLogger, start_step: int,
@@ -181,7 +190,7 @@ def train_loop(spec: LoopSpec, *, state, train_step: Callable, batches: Iterator
                 stopping = requested and ahead is None and step < total_steps
                 out = jax.device_get(out)
                 logger.train.add(out["metrics"])
-                logger.train.add(fill_counts(host))  # train/token_fill, train/patch_fill
+                logger.train.add(_global_fill_counts(host))  # train/token_fill, train/patch_fill
                 now = time.perf_counter()
                 interval_time += now - t_last
                 t_last = now
