@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bbu_jax.foundation.xla_flags import set_gpu_flags  # noqa: E402  (no jax: safe before the wheels)
 RESULTS = ROOT / "benchmarks" / "results.jsonl"
 # Carried wheels go here, outside the repository, and on PYTHONPATH for every phase.
 SITE = Path("/tmp/bbu_jax_site")
@@ -156,7 +158,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     session = Session(out, args.budget_s)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu" if args.cpu else "cuda"}
-    session.say("session", f"{'cpu, tiny' if args.cpu else 'gpu'}; budget {args.budget_s:.0f} s; out {out}")
+    set_gpu_flags(env)  # every phase runs with the product's GPU flags (the scripts set them too)
+    session.say("session", f"{'cpu, tiny' if args.cpu else 'gpu'}; budget {args.budget_s:.0f} s; out {out}; "
+                           f"XLA_FLAGS {env.get('XLA_FLAGS') or '(none)'}")
     install_wheels(session, Path(args.wheels), env)
     results_before = RESULTS.read_text().splitlines() if RESULTS.exists() else []
     plan = phases(args.cpu)

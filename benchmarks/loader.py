@@ -59,7 +59,7 @@ def run(spec, data: str, model: str, collator: str, workers: int, batches: int, 
     t0 = time.perf_counter()
     for _ in range(batches):
         b = next(it)
-        kept.append({k: b[k] for k in ("segment_ids", "patch_image_ids", "patch_pos")})
+        kept.append({k: b[k] for k in ("segment_ids", "patch_image_ids", "patch_pos", "target_kind")})
     dt = time.perf_counter() - t0
     if hasattr(it, "close"):
         it.close()

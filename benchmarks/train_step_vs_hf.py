@@ -304,7 +304,8 @@ def main() -> None:
 
     print("step times in order:", {k: [round(t, 2) for t in v] for k, v in times.items()})
     grid = IMAGE_SIDE // PATCH
-    flops = step_flops(cfg, segments=[[args.tokens]] * args.rows, images=[[(1, grid, grid)]] * args.rows)
+    flops = step_flops(cfg, segments=[[args.tokens]] * args.rows, images=[[(1, grid, grid)]] * args.rows,
+                       supervised=[args.supervised] * args.rows)  # each row's last tokens are labelled
     for side in times:
         med = statistics.median(times[side])
         figures[side].update(median_s=med, min_s=min(times[side]), max_s=max(times[side]),

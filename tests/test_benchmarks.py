@@ -1,12 +1,14 @@
-"""benchmarks/mfu.py, collectives.py, loader.py, packing.py and device_session.py run end to end at their tiny size (same code as
+"""benchmarks/mfu.py, memory_3b.py, collectives.py, loader.py, packing.py and device_session.py run end to end at their tiny size (same code as
 the 3B runs) and print their headlines. They run as programs: tests import nothing from benchmarks/
-(the FLOP count they print is bbu_jax.training.flops, checked by hand in test_perf_flops.py)."""
+(the FLOP count they print is bbu_jax.training.flops, checked by hand in test_training_flops.py)."""
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,18 +23,43 @@ def _run_tiny(script: str, *args: str) -> tuple[str, str]:
 
 
 def test_mfu_tiny_prints_headline():
+    """The product's step (head, matcher, guard) on the demo run's packed batches: both FLOP counts
+    printed; the compiled step executes more products than the model needs (masked attention pairs,
+    LM-head chunks), not less, and no step was skipped as non-finite (the script fails then)."""
     stdout, last = _run_tiny("mfu.py")
     m = re.fullmatch(r"mfu: (\d+(?:\.\d+)?)% of \S+ TFLOP/s \(.+\), (\d+) tokens/s/device", last)
     assert m, last
     assert 0 < float(m.group(1)) < 100 and int(m.group(2)) > 0
-    losses = re.search(r"losses\s+(.+)", stdout).group(1).split()
-    assert len(losses) >= 2 and float(losses[-1]) < float(losses[0])  # the optimizer moved the loss
+    model = float(re.search(r"model TFLOP/step\s+(\S+)", stdout).group(1))
+    hw, ratio = re.search(r"hw TFLOP/step\s+(\S+) \(compiled products; (\S+)x model\)", stdout).groups()
+    assert 0 < model < float(hw) and 1.0 < float(ratio) < 3.0
+    assert re.search(r"HFU vs peak\s+\d", stdout)
+    losses = [float(x) for x in re.search(r"losses\s+(.+)", stdout).group(1).split()]
+    assert len(losses) == 3 and all(0 < x < 100 for x in losses)
 
 
 def test_mfu_pairs_only_prints_headline():
     _, last = _run_tiny("mfu.py", "--pairs_only")
     m = re.fullmatch(r"attention_pairs: attention forward (\S+) TFLOP \(cudnn\) -> (\S+) TFLOP \(pallas\)", last)
     assert m and float(m.group(2)) < float(m.group(1)), last
+
+
+def test_memory_3b_tiny_prints_verdict():
+    """The memory plan of the product's step at tiny size, FSDP over 2 fake devices (one compile):
+    the state's parts add up (two f32 Adam moments per param), and a verdict line comes last."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_3b.py"), "--tiny", "--no-record",
+                          "--devices", "2", "--remat", "full", "--attention", "xla"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert re.fullmatch(r"memory_3b: fits 80 GB H100s, FSDP over 2 with remat full \(\S+ GiB/device, "
+                        r"XLA_PYTHON_CLIENT_MEM_FRACTION=0\.75\)", lines[-1]), lines[-1]
+    row = next(line for line in lines if re.match(r"\s+2 +full ", line))
+    params, opt_state, arguments, outputs, aliased, temp, code, total = map(float, row.split()[2:])
+    assert 1.9 < opt_state / params < 2.1  # mu and nu, f32 like the params
+    assert arguments >= params + opt_state and aliased <= outputs
+    assert total == pytest.approx(arguments + outputs - aliased + temp + code, abs=0.02)
 
 
 def test_collectives_tiny_prints_headline():

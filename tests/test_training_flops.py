@@ -4,22 +4,25 @@ import numpy as np
 import pytest
 
 from bbu_jax.models.qwen2_5_vl import processing
-from bbu_jax.training.flops import attention_pairs, batch_flops, batch_layout, step_flops
+from bbu_jax.training.flops import attention_pairs, batch_flops, batch_layout, step_flops, supervised_tokens
 from bbu_jax.perf.synthetic import packed_batch, tiny_config
 
 
 def test_step_flops_by_hand():
     cfg = tiny_config()
     t = cfg.text
-    # one row: one 10-token segment, one 8x8-patch image (exactly one 64-patch window)
-    got = step_flops(cfg, segments=[[10]], images=[[(1, 8, 8)]])
+    # one row: one 10-token segment, 4 of them supervised, one 8x8-patch image (exactly one 64-patch window)
+    got = step_flops(cfg, segments=[[10]], images=[[(1, 8, 8)]], supervised=[4])
     text = t.num_hidden_layers * (64 * (64 + 32 + 32 + 64) + 3 * 64 * 128)  # q, k, v, o; mlp
-    fwd = 2 * 10 * (text + 640 * 64) + 4 * t.num_hidden_layers * 4 * 16 * 55
+    fwd = 2 * 10 * text + 2 * 4 * 640 * 64 + 4 * t.num_hidden_layers * 4 * 16 * 55  # LM head: supervised only
     vis = 1176 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64)
     fwd += 2 * 64 * vis + 2 * 16 * (128 * 128 + 128 * 64) + 4 * 32 * 2 * 64 * 64
     assert got == pytest.approx(3 * fwd)
+    # each supervised token adds the LM head's product (vocab x hidden), forward and backward
+    more = step_flops(cfg, segments=[[10]], images=[[(1, 8, 8)]], supervised=[9])
+    assert more - got == pytest.approx(3 * 2 * 5 * 640 * 64)
     # the detection head's parameters are charged once per token, forward and backward
-    with_head = step_flops(cfg, segments=[[10]], images=[[(1, 8, 8)]], head_params=1000)
+    with_head = step_flops(cfg, segments=[[10]], images=[[(1, 8, 8)]], supervised=[4], head_params=1000)
     assert with_head - got == pytest.approx(3 * 2 * 10 * 1000)
 
 
@@ -45,9 +48,12 @@ def test_batch_flops_of_a_training_step_batch():
     cfg = tiny_config()
     batch, seg_lens, grids = packed_batch(cfg, rows=2, tokens=256, segments=2, image_side=112)
     step = {k: np.stack([v, v]) for k, v in batch.items()}  # 2 micro-batches of 2 rows
-    expected = step_flops(cfg, segments=seg_lens * 2, images=grids * 2, head_params=7)
+    supervised = [int((row > 0).sum()) for row in batch["target_kind"]]
+    assert supervised_tokens(step) == supervised * 2 and 0 < supervised[0] < 256
+    expected = step_flops(cfg, segments=seg_lens * 2, images=grids * 2, supervised=supervised * 2, head_params=7)
     assert batch_flops(cfg, step, head_params=7) == pytest.approx(expected)
-    assert batch_flops(cfg, batch) == pytest.approx(step_flops(cfg, segments=seg_lens, images=grids))
+    assert batch_flops(cfg, batch) == pytest.approx(step_flops(cfg, segments=seg_lens, images=grids,
+                                                               supervised=supervised))
 
 
 def test_attention_pairs_by_hand():
@@ -60,3 +66,23 @@ def test_attention_pairs_by_hand():
     assert attention_pairs(batch, "cudnn")["text"] == (512**2, needed)
     assert attention_pairs(batch, "pallas")["text"] == (12 * 128 * 64, needed)
     assert attention_pairs(batch, "pallas")["vision full"] == (2 * 256**2, 2 * 256**2)
+
+
+def test_executed_flops_counts_loops_and_the_largest_branch():
+    """Every product of a compiled module: a scan's body times its trips (XLA's cost analysis
+    counts it once), a batched dot, and a conditional's largest branch."""
+    import jax
+    import jax.numpy as jnp
+
+    from bbu_jax.perf.hlo_flops import executed_flops
+
+    def f(x, w, p):
+        y = jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0]  # 10 x (64x128 @ 128x128)
+        y = jax.lax.cond(p, lambda: y @ w[0], lambda: y)  # the larger branch: one more product
+        return jnp.einsum("bij,bjk->bik", jnp.stack([y, y, y]), w[:3])  # batched: 3 more
+
+    x, w = jnp.ones((64, 128)), jnp.ones((10, 128, 128))
+    compiled = jax.jit(f).lower(x, w, True).compile()
+    flops, hidden = executed_flops(compiled.as_text())
+    assert flops == 14 * 2 * 64 * 128 * 128 and hidden == {}
+    assert compiled.cost_analysis()["flops"] < flops / 2  # why this count exists

@@ -1,5 +1,6 @@
-"""Measurement tools shared by benchmarks/, tests and the training log: the model-FLOPs count
-(``flops``; the training loop's MFU uses it too), the collectives of a lowered step's HLO
-(``collectives``), synthetic product-shaped batches (``synthetic``) and a bare LM train step
-(``lm_step``).
+"""Measurement tools shared by benchmarks/ and tests: the product's train step built and lowered
+for measuring (``lowering``), the collectives (``collectives``), matrix-product FLOPs (``hlo_flops``)
+and memory plan (``memory``) of a compiled step, synthetic product-shaped batches and data
+(``synthetic``) and a bare LM train step for the kernel-lowering test (``lm_step``). The model-FLOPs
+count behind every MFU is ``bbu_jax.training.flops``.
 """

@@ -43,7 +43,7 @@ def shape_bytes(shape: str) -> int:
     return total
 
 
-def _computations(hlo: str) -> tuple[str, dict[str, str]]:
+def computations(hlo: str) -> tuple[str, dict[str, str]]:
     """(entry name, {name: body text}) of a module's text."""
     comps, entry = {}, None
     for text in re.split(r"\n(?=\S)", hlo):
@@ -67,7 +67,7 @@ def partitioned_hlo(lowered) -> str:
         return dumps[-1].read_text()
 
 
-def _trips(line: str, comps: dict[str, str]) -> int:
+def trip_count(line: str, comps: dict[str, str]) -> int:
     """Iterations of a while loop: XLA's annotation, else the one bound its condition compares to
     (scans count up from 0 to a constant)."""
     if m := _TRIPS.search(line):
@@ -84,7 +84,7 @@ def collective_bytes(hlo: str) -> dict[str, int]:
 
     The size is the result's: for an all-gather the gathered array, for an all-reduce the reduced one
     (each device's share of the traffic is proportional to it for ring algorithms)."""
-    entry, comps = _computations(hlo)
+    entry, comps = computations(hlo)
     memo: dict[str, collections.Counter] = {}
 
     def walk(name: str) -> collections.Counter:
@@ -95,7 +95,7 @@ def collective_bytes(hlo: str) -> dict[str, int]:
             if m := _COLLECTIVE.match(line):
                 out[m.group(2)] += shape_bytes(m.group(1))
             elif m := _WHILE.search(line):
-                trips = _trips(line, comps)
+                trips = trip_count(line, comps)
                 for k, v in walk(m.group(1)).items():
                     out[k] += v * trips
             elif " conditional(" in line and (m := _BRANCHES.search(line)):

@@ -1,6 +1,7 @@
-"""A bare language-model train step of the real model: what the MFU benchmark times on one device
-and what the kernel-lowering test compiles, free of the product step's detection head, NaN guard
-and sharding."""
+"""A bare language-model train step of the real model: what tests/test_flash_attention.py lowers
+for CUDA at the 3B shape to check the Triton kernels' lowering, free of the product step's
+detection head, host-callback matcher, NaN guard and mesh (which that CPU-only lowering cannot
+take). Measurements use the product's step (``perf.lowering``)."""
 from __future__ import annotations
 
 import jax

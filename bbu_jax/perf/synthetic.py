@@ -1,5 +1,6 @@
 """Synthetic stand-ins with the product's shapes, for measuring without data or weights: a tiny
-Qwen2.5-VL config and packed rows whose model inputs come from the model's own host functions."""
+Qwen2.5-VL config, packed rows whose model inputs come from the model's own host functions, and a
+run's specs pointed at synthetic photos for its own train iterator."""
 from __future__ import annotations
 
 import numpy as np
@@ -75,3 +76,31 @@ def packed_batch(cfg: Qwen25VLConfig, *, rows: int, tokens: int, segments: int, 
     dtypes = {"patches": np.uint8, "target_kind": np.int8}
     batch = {k: np.stack(x).astype(dtypes.get(k, np.int32)) for k, x in out.items()}
     return batch, [[seg_len] * segments] * rows, [[grid] * segments] * rows
+
+
+
+def with_synthetic_data(specs, folder: str, num_images: int, *, scenes=None, hf_dir: str | None = None):
+    """``specs`` with its data and tokenizer pointing at ``num_images`` synthetic photos converted
+    under ``folder`` at the specs' pixel limits with a teacher pool: what the run's train iterator
+    would read, without a dataset. ``scenes(folder, n, seed=)`` writes them (default
+    ``data.synthetic.write_field_dataset``: phone aspects, 2..45 objects, zh descs; the demo's
+    small rack scenes are ``write_labelme_dataset``). ``hf_dir``: the model folder whose tokenizer
+    encodes them (default: the tiny test model written there, whose zh text runs longer than Qwen's)."""
+    import dataclasses
+    import os
+
+    from bbu_jax.data.convert import convert_dataset
+    from bbu_jax.data.synthetic import write_field_dataset
+    from bbu_jax.workflows.tiny_model import write_tiny_qwen2_5_vl
+
+    d = specs.data
+    raw, data = os.path.join(folder, "raw"), os.path.join(folder, "data")
+    (scenes or write_field_dataset)(raw, num_images, seed=specs.run.seed)
+    convert_dataset(raw, "labelme", data, min_pixels=d.min_pixels, max_pixels=d.max_pixels, val_ratio=0.05,
+                    teacher_pool_size=max(1, num_images // 10), seed=specs.run.seed, language=d.language,
+                    progress=False)
+    hf_dir = hf_dir or str(write_tiny_qwen2_5_vl(os.path.join(folder, "tiny")))
+    return dataclasses.replace(
+        specs, model=dataclasses.replace(specs.model, hf_dir=hf_dir),
+        data=dataclasses.replace(d, train_jsonl=os.path.join(data, "train.jsonl"), val_jsonl="",
+                                 teacher_pool_jsonl=os.path.join(data, "teacher_pool.jsonl")))

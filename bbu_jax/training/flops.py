@@ -1,7 +1,9 @@
 """Model FLOPs of a training step: the one count behind the training log's MFU and every benchmark.
 
 Useful work only: 2 FLOPs per multiply-add of each weight matrix with each item it transforms
-(decoder + LM head per token, vision tower per patch, merger per merged token), plus attention
+(decoder per token, LM head per supervised token -- the step's fused LM loss
+(``losses.lm_loss``) builds logits only where a target is supervised, so logits of prompt tokens
+are no work the model needs --, vision tower per patch, merger per merged token), plus attention
 (QK^T and PV: 4 x head_dim x heads per visible (query, key) pair: causal within each packed
 sample for the text, within each window or image for the vision tower). A training step is
 3 x forward (the backward costs two forwards). Recomputation (remat), padding and pairs a kernel
@@ -13,6 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
 
 from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig, processing
@@ -32,11 +35,12 @@ def _vision_pairs(grid: Grid, window_size: int, patch_size: int, spatial_merge_s
 
 
 def step_flops(cfg: Qwen25VLConfig, *, segments: Sequence[Sequence[int]], images: Sequence[Sequence[Grid]],
-               head_params: int = 0) -> float:
+               supervised: Sequence[int], head_params: int = 0) -> float:
     """Model FLOPs of one training step (forward + backward = 3 x forward).
 
     segments[row]: token lengths of the row's samples; images[row]: each image's grid (t, h, w) in
-    patches. head_params: the detection head's parameter count, charged once per token like the
+    patches; supervised[row]: the row's tokens with a supervised target (``target_kind > 0``), the
+    ones the LM head is needed for. head_params: the detection head's parameter count, charged once per token like the
     decoder's (its adapters read a share of the tokens, its decoder a few queries per sample: an
     estimate, and a small term beside the decoder's)."""
     t, v = cfg.text, cfg.vision
@@ -51,9 +55,9 @@ def step_flops(cfg: Qwen25VLConfig, *, segments: Sequence[Sequence[int]], images
     n_full = len(v.fullatt_block_indexes)
 
     fwd = 0.0
-    for row_segments, row_images in zip(segments, images, strict=True):
+    for row_segments, row_images, row_supervised in zip(segments, images, supervised, strict=True):
         tokens = sum(row_segments)
-        fwd += 2 * tokens * (text_params + lm_head_params + head_params)
+        fwd += 2 * tokens * (text_params + head_params) + 2 * row_supervised * lm_head_params
         pairs = sum(s * (s + 1) // 2 for s in row_segments)  # causal, within each segment
         fwd += 4 * t.num_hidden_layers * t.num_attention_heads * hd * pairs
         for grid in row_images:
@@ -89,11 +93,24 @@ def batch_layout(batch: Mapping[str, np.ndarray]) -> tuple[list[list[int]], list
     return segments, grids
 
 
+def supervised_tokens(batch: Mapping[str, np.ndarray]) -> list[int]:
+    """Tokens with a supervised target in each row of a batch (leading axes are rows too)."""
+    kind = np.asarray(batch["target_kind"])
+    return [int(n) for n in (kind.reshape(-1, kind.shape[-1]) > 0).sum(-1)]
+
+
 def batch_flops(cfg: Qwen25VLConfig, batch: Mapping[str, np.ndarray], head_params: int = 0) -> float:
     """``step_flops`` of the rows of a host batch (any leading axes): a training step's model
     FLOPs for the rows this process holds."""
     segments, images = batch_layout(batch)
-    return step_flops(cfg, segments=segments, images=images, head_params=head_params)
+    return step_flops(cfg, segments=segments, images=images, supervised=supervised_tokens(batch),
+                      head_params=head_params)
+
+
+def head_param_count(params: Mapping) -> int:
+    """The detection head's parameter count in a train state's params (0 without a head): what
+    ``batch_flops`` charges per token for it, in the training log and the MFU benchmark alike."""
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params.get("head", {}))))
 
 
 def attention_pairs(batch: Mapping[str, np.ndarray], implementation: str) -> dict[str, tuple[int, int]]:
