@@ -31,11 +31,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "demo
                                           lock_config=True)
 
 
-def _lm_loss_curve(metrics_jsonl: pathlib.Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
-    return [(r["step"], r["train/lm_loss"]) for r in rows if "train/lm_loss" in r]
-
-
 def check_export(specs, hf_export: pathlib.Path, out: pathlib.Path, num_samples: int) -> dict:
     """Load the HF export back as a user would (Predictor, no settings given), draw the head's
     detections next to the ground truth for the first val records (PNGs in ``out``) and answer
@@ -76,11 +71,14 @@ def main(argv) -> int:
         shutil.rmtree(workdir)
     result = train.train(specs, encoder)
     summary = json.loads((workdir / "summary.json").read_text())
-    curve = _lm_loss_curve(workdir / "metrics.jsonl")
+    from bbu_jax.evaluation.curves import read_metrics, series, write_learning_curves
+    curve = series(read_metrics(workdir / "metrics.jsonl"), "train/lm_loss")
+    curves_png = write_learning_curves(workdir / "metrics.jsonl", workdir / "pictures" / "learning_curves.png",
+                                       title=f"bbu_jax demo: {workdir.absolute()}")
     print("\n=== bbu_jax demo ===")
     print(f"steps {result.step} ({result.stop_reason}) in {time.time() - t0:.0f}s")
     if curve:
-        print(f"train/lm_loss: step {curve[0][0]} {curve[0][1]:.3f} -> step {curve[-1][0]} {curve[-1][1]:.3f}")
+        print(f"train/lm_loss: step {curve[0][0]:.0f} {curve[0][1]:.3f} -> step {curve[-1][0]:.0f} {curve[-1][1]:.3f}")
     for k in ("val/lm_loss", "val/student_lm_loss", "val/bbox_l1_loss", "val/bbox_giou_loss",
               "val/objectness_loss", "val/caption_loss", "val/matched_iou", "val/head/box_AP50",
               "val/head/type_mAP50", "val/head/caption_accuracy", "val/generate/complete_json",
@@ -90,6 +88,7 @@ def main(argv) -> int:
     if summary.get("hf_export"):
         check = check_export(specs, pathlib.Path(summary["hf_export"]), workdir / "pictures", num_samples=8)
         print(f"pictures         {check['sheet']}")
+    print(f"learning curves  {curves_png}")
     print(f"tiny model       {pathlib.Path(specs.model.hf_dir).absolute()}")
     print(f"data             {pathlib.Path(specs.data.train_jsonl).absolute().parent}")
     print(f"run folder       {workdir.absolute()}")
