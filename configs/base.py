@@ -29,12 +29,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.hf_dir = "models/Qwen2.5-VL-3B-Instruct"  # local HF folder (no hub download)
     c.model.param_dtype = "float32"  # master weights
     c.model.compute_dtype = "bfloat16"  # matmul dtype; norms, softmax and losses stay float32
-    c.model.remat_policy = "full"  # none | full | a jax.checkpoint_policies name (decoder/vision blocks)
+    # Decoder/vision blocks: auto | none | save_matmuls | save_qkv_attn | save_qkv_proj | full (or a
+    # jax.checkpoint_policies name). auto: the least recomputation whose compiled step fits the
+    # device's memory (training.auto_remat; full only when nothing else fits; "none" on the CPU).
+    c.model.remat_policy = "auto"
     c.model.scan_layers = True  # False unrolls the layer loops: faster small-model CPU steps, compile grows with depth
-    # xla | jax | cudnn | pallas. cudnn: fused, multiplies every pair of a packed row (segment mask
-    # as a bias); pallas: fused, only the blocks a block can see (benchmarks/mfu.py --pairs_only
-    # counts both).
-    c.model.attention_impl = "cudnn"
+    # auto | xla | jax | cudnn | pallas. auto: pallas on GPU, xla elsewhere (resolved by build_specs).
+    # pallas: fused, only the blocks a block can see; cudnn: fused, multiplies every pair of a
+    # packed row (segment mask as a bias; causal half skipped); benchmarks/mfu.py --pairs_only
+    # counts both.
+    c.model.attention_impl = "auto"
 
     # --- data and the fixed batch budgets (one compile for the whole run) ---
     c.data = ml_collections.ConfigDict()
@@ -95,7 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.focal_alpha = 0.25
     c.loss.focal_gamma = 2.0
     c.loss.aux_loss = True  # box losses on every decoder layer's predictions, not only the last
-    c.loss.matcher = "scipy"  # scipy (host callback, exact) | optax (on device)
+    # auto | scipy (host callback) | optax (on device); auto: optax on an accelerator (no device
+    # stall every step), scipy on the CPU. Both exact.
+    c.loss.matcher = "auto"
 
     # --- optimizer: one AdamW per parameter group; lr == 0 freezes a group (no state) ---
     c.optim = ml_collections.ConfigDict()

@@ -31,8 +31,10 @@ if _FORCED and int(_FORCED.group(1)) > 1:
     os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 from bbu_jax.foundation.host_memory import keep_freed_memory  # noqa: E402
+from bbu_jax.foundation.xla_flags import set_gpu_flags  # noqa: E402
 
 keep_freed_memory()  # before jax starts its threads
+set_gpu_flags()  # collectives overlapped with compute on GPU hosts; read when jax starts
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -55,20 +57,22 @@ def main(argv) -> int:
         print(c)
         return 0
 
-    from bbu_jax.workflows.config import ConfigError, build_specs
+    from bbu_jax.workflows.config import ConfigError, build_specs, validate
     try:
-        specs = build_specs(c)  # everything that needs no devices
+        # everything that needs no devices; the specs are built once jax.distributed has started
+        # them (resolving the "auto" choices would start them first)
+        validate(c)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
-    level = _LOG_LEVEL.value or specs.run.log_level
+    level = _LOG_LEVEL.value or c.run.log_level
     logging.getLogger().setLevel(level)  # absl.app installed the handler on the root logger
     # orbax and grain log every file operation at INFO through absl: keep them to warnings.
     logging.getLogger("absl").setLevel(max(logging.getLevelName(level), logging.WARNING))
 
     import jax
-    if specs.mesh.distributed:
-        m = specs.mesh
+    if c.mesh.distributed:
+        m = c.mesh
         jax.distributed.initialize(coordinator_address=m.coordinator_address or None,
                                    num_processes=m.num_processes or None,
                                    process_id=None if m.process_id < 0 else m.process_id)

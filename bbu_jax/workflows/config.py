@@ -21,9 +21,10 @@ from bbu_jax.data.chat import LANGUAGES
 from bbu_jax.data.pipeline import COLLATORS, DataSpec
 from bbu_jax.foundation.sharding import MeshSpec
 from bbu_jax.losses import LossSpec, LossWeights, MatchCost
-from bbu_jax.losses.matcher import MATCHERS
-from bbu_jax.models.attention import IMPLEMENTATIONS
+from bbu_jax.losses.matcher import MATCHERS, resolve_matcher
+from bbu_jax.models.attention import IMPLEMENTATIONS, resolve_implementation
 from bbu_jax.models.detection_head import HeadSpec
+from bbu_jax.models.layers import remat_policy
 from bbu_jax.training.optimizer import GROUPS, LR_SCALING, OptimSpec
 from bbu_jax.training.task import DTYPES, ModelSpec
 
@@ -127,10 +128,11 @@ def _any(v):
 
 
 def _remat(v):
-    import jax  # only for the names of its checkpoint policies
-    if v in ("none", "full") or hasattr(jax.checkpoint_policies, v):
-        return None
-    return f"must be 'none', 'full' or a jax.checkpoint_policies name, got {v!r}"
+    try:
+        remat_policy(v)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _patch_budget(v):
@@ -316,9 +318,20 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
-def build_specs(config: ml_collections.ConfigDict, device_count: int | None = None) -> Specs:
-    """Validates the config and converts each group into its spec; the only reader of the config."""
+def build_specs(config: ml_collections.ConfigDict, device_count: int | None = None,
+                platform: str | None = None) -> Specs:
+    """Validates the config and converts each group into its spec; the only reader of the config.
+
+    platform: the jax backend the run computes on ("cpu", "gpu", "tpu"). The config's "auto"
+    choices (model.attention_impl, loss.matcher) are resolved for it here, once, so the model, the
+    losses, the benchmarks and the settings recorded with the weights all name the kernel that ran.
+    Default ``jax.default_backend()``, which starts jax's backends: a caller that must not start
+    them yet (before ``jax.distributed.initialize``) checks the config with `validate` instead.
+    """
     validate(config, device_count)
+    if platform is None:
+        import jax
+        platform = jax.default_backend()
     c = config
     loss, optim, head = c.loss, c.optim, c.head
     detection = loss.detection_weight
@@ -330,12 +343,14 @@ def build_specs(config: ml_collections.ConfigDict, device_count: int | None = No
                         focal_gamma=loss.focal_gamma))
     return Specs(
         run=RunSpec(**c.run.to_dict()),
-        model=ModelSpec(**c.model.to_dict()),
+        model=ModelSpec(**{**c.model.to_dict(),
+                           "attention_impl": resolve_implementation(c.model.attention_impl, platform)}),
         data=DataSpec(**c.data.to_dict()),
         head=HeadSpec(width=head.hidden_dim, num_queries=head.num_queries, num_layers=head.num_layers,
                       num_heads=head.num_heads, mlp_dim=head.mlp_dim, caption_layers=head.caption_layers,
                       max_caption_len=c.data.caption_tokens) if head.enabled else None,
-        loss=LossSpec(weights=weights, aux_loss=loss.aux_loss, lm_chunk=loss.lm_chunk, matcher=loss.matcher),
+        loss=LossSpec(weights=weights, aux_loss=loss.aux_loss, lm_chunk=loss.lm_chunk,
+                      matcher=resolve_matcher(loss.matcher, platform)),
         optim=OptimSpec(lrs={g: float(optim[f"{g}_lr"]) for g in GROUPS}, lr_scaling=optim.lr_scaling,
                         lr_reference_batch=optim.lr_reference_batch, warmup_steps=optim.warmup_steps,
                         min_lr_ratio=optim.min_lr_ratio, weight_decay=optim.weight_decay, b1=optim.adam_b1,

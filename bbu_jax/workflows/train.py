@@ -18,13 +18,14 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bbu_jax.data.batch import FIELDS, expected_shapes
 from bbu_jax.data.encode import SampleEncoder, build_caption_vocab, load_caption_vocab, save_caption_vocab
 from bbu_jax.data.pipeline import make_train_iterator
 from bbu_jax.evaluation.evaluator import eval_step
 from bbu_jax.foundation import sharding
 from bbu_jax.inference.settings import Settings, package_versions
-from bbu_jax.training.flops import batch_flops
-from bbu_jax.training import checkpointing, loop, metrics_logging, task, train_state
+from bbu_jax.training.flops import batch_flops, head_param_count
+from bbu_jax.training import auto_remat, checkpointing, loop, metrics_logging, task, train_state
 from bbu_jax.training import optimizer as opt_lib
 from bbu_jax.training import step as step_lib
 from bbu_jax.workflows.config import Specs
@@ -114,13 +115,51 @@ def make_optimizer(specs: Specs, params, total_steps: int):
     return opt_lib.make_optimizer(params, optim, total_steps=total_steps, batch_scale=scale)
 
 
-def make_train_step(specs: Specs, built: Built, tx, abstract_state):
-    """The jitted train step and the train state's shardings."""
+def make_train_step(specs: Specs, built: Built, tx, abstract_state, *, remat: str | None = None):
+    """The jitted train step and the train state's shardings. ``remat``: the model's policy in this
+    step (a candidate of "auto"); None: the one it was built with. Groups at lr 0 are not differentiated."""
     shardings = train_state.state_shardings(abstract_state, built.param_shardings, built.mesh)
-    fn = step_lib.jit_train_step(loss_fn=built.loss_fn, count_fn=task.count_fn, tx=tx,
+    loss_fn = built.loss_fn if remat is None else task.make_loss_fn(built.graphdefs, built.rest, specs.loss,
+                                                                    built.caption_vocab, remat=remat)
+    fn = step_lib.jit_train_step(loss_fn=loss_fn, count_fn=task.count_fn, tx=tx,
                                  labels=opt_lib.group_labels(abstract_state["params"]),
-                                 state_shardings=shardings, mesh=built.mesh)
+                                 state_shardings=shardings, mesh=built.mesh,
+                                 frozen=opt_lib.frozen_groups(specs.optim))
     return fn, shardings
+
+
+def step_batch_shapes(specs: Specs) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of one optimizer step (micro-batches stacked), as the loop hands it over."""
+    d = specs.data
+    rows = d.batch_rows // jax.process_count() * jax.process_count()  # each process loads its share
+    dims = d.budgets(rows=rows, segments=d.segments_per_row).dims()
+    return {k: jax.ShapeDtypeStruct((specs.optim.grad_accum_steps, *shape), FIELDS[k][1])
+            for k, shape in expected_shapes(dims).items()}
+
+
+def compile_train_step(specs: Specs, built: Built, tx, abstract_state, *,
+                       memory_limit: Callable[[], int | None] = auto_remat.device_memory_limit):
+    """(train step, state shardings, remat policy) of the run. remat_policy "auto" is resolved here,
+    once: the candidates are compiled for the run's batch shapes and shardings and the first that
+    fits ``memory_limit()`` (auto_remat.choose) is returned compiled, ready to run. Any other
+    policy: the jitted step, compiled at its first call."""
+    policy = specs.model.remat_policy
+    if policy != "auto":
+        return *make_train_step(specs, built, tx, abstract_state), policy
+    shardings = train_state.state_shardings(abstract_state, built.param_shardings, built.mesh)
+    state = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                   abstract_state, shardings)
+    batch_sharding = step_lib.accumulated_batch_sharding(built.mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+             for k, v in step_batch_shapes(specs).items()}
+
+    def compile_with(candidate):
+        return make_train_step(specs, built, tx, abstract_state, remat=candidate)[0].lower(state, batch).compile()
+
+    choice = auto_remat.choose(compile_with, memory_limit())
+    if choice.compiled is None:
+        return *make_train_step(specs, built, tx, abstract_state, remat=choice.policy), choice.policy
+    return choice.compiled, shardings, choice.policy
 
 
 def make_eval_fn(built: Built, evaluators: list[Evaluator]):
@@ -175,7 +214,8 @@ def train(specs: Specs, encoder: SampleEncoder, *, on_step=None, extra_eval: Eva
     abstract = train_state.abstract_state(built.params, tx, run.seed)
 
     # --- the step ---
-    train_step, shardings = make_train_step(specs, built, tx, abstract)
+    train_step, shardings, remat = compile_train_step(specs, built, tx, abstract)
+    specs = dataclasses.replace(specs, model=dataclasses.replace(specs.model, remat_policy=remat))  # recorded
 
     # --- restore ---
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=specs.checkpoint.keep,
@@ -197,7 +237,7 @@ def train(specs: Specs, encoder: SampleEncoder, *, on_step=None, extra_eval: Eva
     evaluators += [extra_eval] if extra_eval is not None else []
 
     # --- the loop ---
-    head_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract["params"].get("head", {}))))
+    head_params = head_param_count(abstract["params"])
     logger = metrics_logging.RunLogger(workdir, is_main=jax.process_index() == 0,
                                        total_steps=total_steps, initial_step=start)
     spec = loop.LoopSpec(total_steps=total_steps, accum=specs.optim.grad_accum_steps, log_every=run.log_every,
@@ -219,7 +259,8 @@ def train(specs: Specs, encoder: SampleEncoder, *, on_step=None, extra_eval: Eva
         if run.export_hf_at_end and result.stop_reason == "done":
             hf_export = str(export_state(built, result.state["params"], workdir.absolute() / "hf_export",
                                          settings.at_step(result.step), logger.last))
-            log.info("exported to %s", hf_export)
+            if jax.process_index() == 0:  # the one that wrote it
+                log.info("exported to %s", hf_export)
         summary = {**logger.last, "step": result.step, "stop_reason": result.stop_reason,
                    "wall_time_s": time.time() - started, "versions": settings.versions,
                    "last_checkpoint": None if result.last_checkpoint is None
