@@ -1,12 +1,8 @@
-"""The linear probe of benchmarks/feature_probe.py: it reads a class that is linearly present in
-the features and does not invent one that is not."""
-import sys
-from pathlib import Path
-
+"""The linear probe behind benchmarks/feature_probe.py: it reads a class that is linearly present
+in the features and does not invent one that is not."""
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.feature_probe import probe  # noqa: E402
+from bbu_jax.evaluation.feature_probe import probe
 
 CLASSES = ["fiber/fiber connector/connected", "label/cable label/readable", "screw point/BBU mounting screw/loose"]
 
