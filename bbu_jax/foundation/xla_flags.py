@@ -17,12 +17,11 @@ The set is the overlap part of what MaxText's GPU configs set on every H100 run
 
 Left out on purpose: MaxText's combine thresholds (tuned per model and host count; to be measured
 here first), its collective-pipelining flags (renamed between XLA versions: the jaxlib 0.10.2 name
-``xla_gpu_enable_pipelined_all_gather`` was deprecated for ``xla_gpu_pipeline_all_gather`` in
-2026, and an unknown name in ``XLA_FLAGS`` aborts the process), and ``xla_gpu_enable_triton_gemm=
+``xla_gpu_enable_pipelined_all_gather`` was later deprecated for ``xla_gpu_pipeline_all_gather``,
+and an unknown name in ``XLA_FLAGS`` aborts the process), and ``xla_gpu_enable_triton_gemm=
 false`` (a matmul-emitter choice, not overlap; its effect on this model is for the device
 measurement to show). Every flag below is known to jaxlib 0.10.2 and still set by MaxText's GPU
-configs of August 2026, after jax 0.11.0 (tests/test_xla_flags.py checks that the installed jaxlib
-accepts them).
+configs written for jax 0.11 (tests/test_xla_flags.py checks that the installed jaxlib accepts them).
 
 A GPU is detected without starting jax: ``JAX_PLATFORMS`` decides when set; otherwise
 ``CUDA_VISIBLE_DEVICES`` set empty (or -1) hides every GPU; otherwise an NVIDIA or AMD GPU device
