@@ -18,17 +18,20 @@ follows for an 80 GB H100 (79.6 GiB) at jax's default allocator share
 (XLA_PYTHON_CLIENT_MEM_FRACTION=0.75) and at 0.95, with the 10% margin remat "auto" keeps.
 
   python benchmarks/memory_3b.py                                  # 1 and 8 devices, every remat candidate
-  python benchmarks/memory_3b.py --devices 1 --remat full save_qkv_attn
+                                                                  # and Adam first-moment dtype
+  python benchmarks/memory_3b.py --devices 1 --remat full --mu_dtype bfloat16
   python benchmarks/memory_3b.py --tiny                           # tiny model (CI)
 
 Last line, for the smallest mesh given (one device by default): `memory_3b: fits one 80 GB H100
-with remat R (X GiB/device, XLA_PYTHON_CLIENT_MEM_FRACTION=F)` (the least recomputation that fits)
-or `memory_3b: does not fit one 80 GB H100 (least X GiB/device, remat R)`.
+with remat R, adam_mu_dtype M (X GiB/device, XLA_PYTHON_CLIENT_MEM_FRACTION=F)` (the least
+recomputation that fits, f32 moments first) or `memory_3b: does not fit one 80 GB H100 (least X
+GiB/device, remat R, adam_mu_dtype M)`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import sys
 import time
@@ -37,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import record, run_specs  # noqa: E402
+from bbu_jax.training.optimizer import MU_DTYPES  # noqa: E402
 
 H100_GIB = 81559 / 1024  # nvidia-smi's total for an H100 80GB, MiB -> GiB
 FRACTIONS = (0.75, 0.95)  # jax's default preallocation share; a setting that leaves room for the driver
@@ -71,6 +75,8 @@ def main() -> None:
     p.add_argument("--devices", type=int, nargs="+", default=(1, 8), help="FSDP mesh sizes (fake CPU devices)")
     p.add_argument("--remat", nargs="+", default=None,
                    help="remat policies (default: remat auto's candidates, training.auto_remat.CANDIDATES)")
+    p.add_argument("--mu_dtype", nargs="+", default=MU_DTYPES, choices=MU_DTYPES,
+                   help="Adam first-moment dtypes (optim.adam_mu_dtype; default: each)")
     p.add_argument("--attention", default="pallas", help="attention kernel (default pallas: the GPU's)")
     p.add_argument("--tiny", action="store_true", help="tiny model and budgets (CI)")
     p.add_argument("--no-record", dest="record", action="store_false")
@@ -100,9 +106,10 @@ def main() -> None:
     rows = []
     for n in args.devices:
         mesh = sharding.make_mesh(1, n, 1, jax.devices()[:n])
-        for policy in policies:
+        for policy, mu_dtype in itertools.product(policies, args.mu_dtype):
             specs = dataclasses.replace(
                 run, model=dataclasses.replace(run.model, remat_policy=policy, attention_impl=args.attention),
+                optim=dataclasses.replace(run.optim, mu_dtype=mu_dtype),
                 data=dataclasses.replace(d, batch_rows=n),
                 head=dataclasses.replace(run.head, max_caption_len=d.caption_tokens),
                 mesh=dataclasses.replace(run.mesh, data=1, fsdp=n, tensor=1))
@@ -114,43 +121,40 @@ def main() -> None:
             mem = memory_summary(compiled)
             del compiled
             sizes = state_sizes(specs, modules, mesh)
-            rows.append({"devices": n, "remat": policy, **sizes, **mem, "compile_s": seconds})
-            print(f"compiled {n} device(s), remat {policy}: {mem['total']:.2f} GiB/device in {seconds:.0f} s",
-                  flush=True)
+            rows.append({"devices": n, "remat": policy, "mu": mu_dtype, **sizes, **mem, "compile_s": seconds})
+            print(f"compiled {n} device(s), remat {policy}, Adam mu {mu_dtype}: {mem['total']:.2f} GiB/device "
+                  f"in {seconds:.0f} s", flush=True)
 
     print(f"{'tiny' if args.tiny else '3B'} Qwen2.5-VL + detection head, {d.token_budget} tokens / "
           f"{d.patch_budget} patches / {d.segments_per_row} segments per row, one row per device, "
-          f"{run.model.compute_dtype} compute, f32 params and Adam moments, attention {args.attention}; "
+          f"{run.model.compute_dtype} compute, f32 params and Adam second moment, attention {args.attention}; "
           f"CPU memory plan (an estimate of the GPU's), GiB per device")
     cols = ("params", "opt_state", "arguments", "outputs", "aliased", "temp", "code", "total")
-    print(f"{'devices':>7} {'remat':>14} " + " ".join(f"{c:>9}" for c in cols))
+    print(f"{'devices':>7} {'remat':>14} {'Adam mu':>9} " + " ".join(f"{c:>9}" for c in cols))
     for r in rows:
-        print(f"{r['devices']:>7} {r['remat']:>14} " + " ".join(f"{r[c]:9.3f}" for c in cols))
-    # Adam's two moments mirror every trained param in f32; bf16 would halve them
-    for r in rows:
-        r["bf16_moments_saving"] = r["opt_state"] / 2
+        print(f"{r['devices']:>7} {r['remat']:>14} {r['mu']:>9} " + " ".join(f"{r[c]:9.3f}" for c in cols))
     fewest = min(args.devices)  # the verdict: the smallest mesh measured, one device by default
     one = [r for r in rows if r["devices"] == fewest]
-    saving = one[0]["bf16_moments_saving"]
-    print(f"bf16 Adam moments: not an option of training/optimizer.py (optax.adamw's mu_dtype covers the "
-          f"first moment only); both in bf16 would cut {saving:.2f} GiB per device on {fewest} device(s)")
     fits = []
     for r in one:
         for fraction in FRACTIONS:
             budget = H100_GIB * fraction * MARGIN
-            print(f"  {fewest} device(s), remat {r['remat']:>14}: {r['total']:6.2f} GiB vs {budget:.1f} GiB "
+            print(f"  {fewest} device(s), remat {r['remat']:>14}, Adam mu {r['mu']:>8}: {r['total']:6.2f} GiB vs "
+                  f"{budget:.1f} GiB "
                   f"(fraction {fraction}, 90% margin): {'fits' if r['total'] <= budget else 'over'}")
             if r["total"] <= budget:
                 fits.append((r, fraction))
                 break
     where = "one 80 GB H100" if fewest == 1 else f"80 GB H100s, FSDP over {fewest}"
     if fits:
-        r, fraction = fits[0]  # the least recomputation that fits (policies run from least to most)
-        headline = (f"memory_3b: fits {where} with remat {r['remat']} ({r['total']:.1f} GiB/device, "
-                    f"XLA_PYTHON_CLIENT_MEM_FRACTION={fraction})")
+        # the least recomputation that fits (policies run from least to most), f32 moments first
+        r, fraction = fits[0]
+        headline = (f"memory_3b: fits {where} with remat {r['remat']}, adam_mu_dtype {r['mu']} "
+                    f"({r['total']:.1f} GiB/device, XLA_PYTHON_CLIENT_MEM_FRACTION={fraction})")
     else:
         least = min(one, key=lambda r: r["total"])
-        headline = f"memory_3b: does not fit {where} (least {least['total']:.1f} GiB/device, remat {least['remat']})"
+        headline = (f"memory_3b: does not fit {where} (least {least['total']:.1f} GiB/device, remat "
+                    f"{least['remat']}, adam_mu_dtype {least['mu']})")
     if not args.record:
         print(headline)
         return

@@ -120,6 +120,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.adam_b1 = 0.9
     c.optim.adam_b2 = 0.999
     c.optim.adam_eps = 1e-8
+    # Adam's first moment: "bfloat16" halves it (-7 GiB for the 3B: one 80 GB GPU then fits, see
+    # benchmarks/memory_3b.py); the second moment stays float32.
+    c.optim.adam_mu_dtype = "float32"
     c.optim.grad_clip_norm = 1.0  # global norm; 0 disables
     c.optim.grad_accum_steps = 1
     c.optim.head_freeze_steps = 200  # head (detection + adapter groups) frozen at first

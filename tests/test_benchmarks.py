@@ -49,15 +49,15 @@ def test_memory_3b_tiny_prints_verdict():
     the state's parts add up (two f32 Adam moments per param), and a verdict line comes last."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_3b.py"), "--tiny", "--no-record",
-                          "--devices", "2", "--remat", "full", "--attention", "xla"],
+                          "--devices", "2", "--remat", "full", "--mu_dtype", "bfloat16", "--attention", "xla"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    assert re.fullmatch(r"memory_3b: fits 80 GB H100s, FSDP over 2 with remat full \(\S+ GiB/device, "
+    assert re.fullmatch(r"memory_3b: fits 80 GB H100s, FSDP over 2 with remat full, adam_mu_dtype bfloat16 \(\S+ GiB/device, "
                         r"XLA_PYTHON_CLIENT_MEM_FRACTION=0\.75\)", lines[-1]), lines[-1]
-    row = next(line for line in lines if re.match(r"\s+2 +full ", line))
-    params, opt_state, arguments, outputs, aliased, temp, code, total = map(float, row.split()[2:])
-    assert 1.9 < opt_state / params < 2.1  # mu and nu, f32 like the params
+    row = next(line for line in lines if re.match(r"\s+2 +full +bfloat16 ", line))
+    params, opt_state, arguments, outputs, aliased, temp, code, total = map(float, row.split()[3:])
+    assert 1.4 < opt_state / params < 1.6  # mu in bf16, nu in f32 like the params
     assert arguments >= params + opt_state and aliased <= outputs
     assert total == pytest.approx(arguments + outputs - aliased + temp + code, abs=0.02)
 

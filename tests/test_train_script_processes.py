@@ -19,9 +19,10 @@ import sys
 import numpy as np
 import pytest
 
+from cpu_compile import FAST_COMPILE
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "training_driver.py"
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 STEPS = 3
 # Measured (jax 0.10.2): bit-identical losses, gradient norms and exported weights. With two
 # shards every cross-device sum has two operands, exact in either order, whether gloo or the one

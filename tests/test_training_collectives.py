@@ -105,7 +105,7 @@ def _sharded_step(hf_dir, mesh_shape, attention_impl):
     loss_fn = task.make_loss_fn(graphdefs, rest, LossSpec(weights=weights, aux_loss=True, lm_chunk=256,
                                                           matcher="scipy"), caption_vocab=None)
     optim = optimizer.OptimSpec(lrs={g: 1e-3 for g in optimizer.GROUPS}, lr_scaling="none", lr_reference_batch=1,
-                                warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,
+                                warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, mu_dtype="float32",
                                 grad_clip_norm=1.0, grad_accum_steps=1, head_freeze_steps=0)
     tx, _ = optimizer.make_optimizer(params, optim, total_steps=10)
     shardings = train_state.state_shardings(train_state.abstract_state(params, tx, 0),

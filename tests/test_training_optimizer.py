@@ -65,8 +65,8 @@ def test_frozen_group_does_not_move_and_holds_no_state(task):
     n_state = sum(x.size for x in jax.tree_util.tree_leaves(state))
     n_trained = sum(x.size for k, x in jax.tree_util.tree_leaves_with_path(params)
                     if opt.group_of(opt.path_str(k)) != "vision")
-    # Adam mu and nu of the trained params + Adam and schedule step counts of the 4 live groups
-    assert n_state == 2 * n_trained + 2 * 4
+    # Adam mu and nu of the trained params + the update count of each of the 4 live groups
+    assert n_state == 2 * n_trained + 4
     assert vision_shapes  # sanity: the group exists
     new, state, grads = _stepper(loss_fn, tx)(params, state, 1)
     for a, b, g in zip(jax.tree_util.tree_leaves(params["model"]["visual"]["patch_embed"]),
@@ -120,7 +120,7 @@ def test_state_shardings_follow_params(task):
     tx, _ = opt.make_optimizer(params, toy.optim_spec(LRS, **HP), total_steps=TOTAL_STEPS)
     shard = toy.param_shardings(params, mesh)
     sh = train_state.state_shardings(train_state.abstract_state(params, tx, 0), shard, mesh)
-    mu = sh["opt_state"][-1].inner_states["llm"].inner_state[0].mu
+    mu = sh["opt_state"][-1].inner_states["llm"].inner_state.mu
     assert mu["model"]["layer"]["kernel"].spec == shard["model"]["layer"]["kernel"].spec
     assert sh["step"].spec == jax.sharding.PartitionSpec()
 
@@ -132,3 +132,60 @@ def test_frozen_groups_are_the_lr_zero_ones_not_a_delayed_head():
     assert opt.frozen_groups(toy.optim_spec({**LRS, "detection": 0, "adapter": 0.0})) == {
         "vision", "detection", "adapter"}
     assert opt.frozen_groups(toy.optim_spec({g: 1e-3 for g in opt.GROUPS}, head_freeze_steps=5)) == frozenset()
+
+
+def test_bf16_first_moment_halves_it_and_follows_the_f32_run(task):
+    """adam_mu_dtype="bfloat16": mu stored in bf16, nu in f32; five steps land where f32 moments do
+    up to bf16 rounding of mu."""
+    _, params, _, loss_fn = task
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        tx, _ = opt.make_optimizer(params, toy.optim_spec(LRS, mu_dtype=dtype, **HP), total_steps=TOTAL_STEPS)
+        state = tx.init(params)
+        adam = state[-1].inner_states["llm"].inner_state
+        assert {x.dtype for x in jax.tree_util.tree_leaves(adam.mu)} == {jnp.dtype(dtype)}
+        assert {x.dtype for x in jax.tree_util.tree_leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+        p, step = params, _stepper(loss_fn, tx)
+        for seed in range(5):
+            p, state, _ = step(p, state, seed)
+        runs[dtype] = p
+    moved = [np.abs(np.asarray(b) - np.asarray(a)).max()
+             for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(runs["float32"]))]
+    diff = [np.abs(np.asarray(b) - np.asarray(a)).max()
+            for a, b in zip(jax.tree_util.tree_leaves(runs["float32"]), jax.tree_util.tree_leaves(runs["bfloat16"]))]
+    rel = max(diff) / max(moved)
+    print(f"bf16 mu vs f32 mu after 5 steps: max |diff| / max |move| = {rel:.2e}")
+    assert 0 < rel < 0.05
+
+
+def test_adamw_is_optax_adamw_and_apply_false_leaves_the_state(task):
+    """The hand-written AdamW (optimizer.adamw: the guard decides before the update) computes what
+    optax.adamw computes, weight decay masked the same way; apply=False changes nothing and
+    returns zero updates, and the following step is the one optax would have taken."""
+    _, params, _, loss_fn = task
+    sched = opt.warmup_cosine(1e-2, 2, 10, 0.1)
+    ours = opt.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1)
+    ref = optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, mask=opt.decay_mask)
+
+    @jax.jit
+    def step(p, s_ours, s_ref, batch, apply):
+        counts = {k: jnp.maximum(v, 1).astype(jnp.float32) for k, v in toy.count_fn(batch).items()}
+        grads = jax.grad(lambda q: loss_fn(q, batch, counts, None)[0])(p)
+        u_ours, s_ours = ours.update(grads, s_ours, p, apply=apply)
+        u_ref, s_ref = ref.update(grads, s_ref, p)
+        return u_ours, s_ours, u_ref, s_ref
+
+    s_ours, s_ref, p = ours.init(params), ref.init(params), params
+    worst = 0.0
+    for seed in range(4):
+        skipped = ours.update(jax.tree_util.tree_map(jnp.ones_like, p), s_ours, p, apply=False)
+        assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree_util.tree_leaves(skipped[0]))
+        for a, b in zip(jax.tree_util.tree_leaves(skipped[1]), jax.tree_util.tree_leaves(s_ours)):
+            np.testing.assert_array_equal(a, b)
+        u_ours, s_ours, u_ref, s_ref = step(p, s_ours, s_ref, toy.make_batch(seed), True)
+        for a, b in zip(jax.tree_util.tree_leaves(u_ours), jax.tree_util.tree_leaves(u_ref)):
+            worst = max(worst, float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-30)))
+        p = optax.apply_updates(p, u_ref)
+    print(f"optimizer.adamw vs optax.adamw, 4 steps: max relative error {worst:.1e}")
+    assert worst < 1e-5
+    assert int(s_ours.count) == 4

@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 
+from cpu_compile import FAST_COMPILE
+
 DRIVER = os.path.abspath(__file__)
 
 
@@ -57,8 +59,7 @@ def main():
     p.add_argument("--mesh", default="2,2,2", help="data,fsdp,tensor (their product: all devices)")
     a = p.parse_args()
     # Fast CPU compiles: these runs are about bookkeeping, not speed.
-    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={a.local_devices} "
-                               "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.local_devices} {FAST_COMPILE}"
     os.environ["JAX_PLATFORMS"] = "cpu"
 
     import grain

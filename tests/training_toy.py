@@ -19,10 +19,10 @@ LRS = dict(vision=1e-3, merger=2e-3, llm=1e-3, detection=4e-3, adapter=8e-3)  # 
 
 
 def optim_spec(lrs, *, warmup_steps=1, min_lr_ratio=0.1, weight_decay=0.01, eps=1e-8, grad_clip_norm=1.0,
-               head_freeze_steps=0) -> OptimSpec:
+               head_freeze_steps=0, mu_dtype="float32") -> OptimSpec:
     """AdamW (0.9, 0.999) per group with these peak lrs and no batch scaling."""
     return OptimSpec(lrs=dict(lrs), lr_scaling="none", lr_reference_batch=1, warmup_steps=warmup_steps,
-                     min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, b1=0.9, b2=0.999, eps=eps,
+                     min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, b1=0.9, b2=0.999, eps=eps, mu_dtype=mu_dtype,
                      grad_clip_norm=grad_clip_norm, grad_accum_steps=1, head_freeze_steps=head_freeze_steps)
 
 

@@ -11,7 +11,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from bbu_jax.data.batch import FIELDS, expected_shapes
 from bbu_jax.models.detection_head import DetectionHead
 from bbu_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
 from bbu_jax.training import task, train_state
@@ -69,12 +68,6 @@ def product_step(specs: Specs, modules: Mapping[str, nnx.Module], mesh: Mesh, *,
     return ProductStep(fn, tx, shardings, abstract, remat)
 
 
-def abstract_batch(specs: Specs, dims: dict[str, int]) -> dict[str, jax.ShapeDtypeStruct]:
-    """One optimizer step's batch of ``dims`` (``bbu_jax.data.batch`` budgets) per micro-batch."""
-    accum = specs.optim.grad_accum_steps
-    return {k: jax.ShapeDtypeStruct((accum, *shape), FIELDS[k][1]) for k, shape in expected_shapes(dims).items()}
-
-
 def lower_train_step(specs: Specs, modules: Mapping[str, nnx.Module], mesh: Mesh, dims: dict[str, int], *,
                      caption_vocab: np.ndarray | None) -> jax.stages.Lowered:
     """The train step of a run with ``specs`` for ``modules`` (real or ``nnx.eval_shape``d) on
@@ -84,4 +77,4 @@ def lower_train_step(specs: Specs, modules: Mapping[str, nnx.Module], mesh: Mesh
     built, tx, abstract = _build(specs, modules, mesh, caption_vocab)
     fn, _ = train.make_train_step(specs, built, tx, abstract)
     state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
-    return fn.lower(state, abstract_batch(specs, dims))
+    return fn.lower(state, train.step_batch_shapes(specs, dims))

@@ -76,7 +76,9 @@ def choose(compile_fn: Callable[[str], Any], limit: int | None, *, candidates: S
             break
     else:
         log.warning("remat auto: no policy fits %.3g GiB per device; taking %s (%.3g GiB): expect an "
-                    "out-of-memory error unless the budgets shrink or the mesh shards more (mesh.fsdp)",
+                    "out-of-memory error unless the mesh shards more (mesh.fsdp), the first Adam moment is "
+                    "stored in bf16 (optim.adam_mu_dtype), jax may take more of the device "
+                    "(XLA_PYTHON_CLIENT_MEM_FRACTION=0.95) or the budgets shrink",
                     budget / 2**30, policy, estimates[policy] / 2**30)
     log.info("remat auto -> %s", policy)
     return Choice(policy, compiled, estimates)

@@ -13,10 +13,11 @@ The step receives A micro-batches stacked on a leading axis (A = grad_accum_step
 summed over all of them first, so summing per-micro-batch gradients gives exactly the gradient
 of the loss of the whole step (same for devices: the global batch is one jitted computation).
 
-The NaN guard: a step whose loss, gradient, new parameters or new optimizer state hold a
-non-finite value keeps the old state (only the step counter moves). Checking the result and not
-only its inputs matters: a finite gradient times an overflowing learning rate gives inf weights.
-So the state, and every checkpoint of it, only ever holds finite values.
+The NaN guard: a step whose loss or gradient is non-finite keeps the old state (only the step
+counter moves); one whose new parameters would be non-finite keeps the old parameters, its Adam
+moments (finite) move on. Checking the result and not only its inputs matters: a finite gradient
+times an overflowing learning rate gives inf weights. So the state, and every checkpoint of it,
+only ever holds finite values.
 
 Groups at lr 0 for the whole run are not differentiated at all (``frozen``): a frozen vision tower
 costs its forward pass only.
@@ -107,18 +108,25 @@ def train_step(state: State, batch: dict, *, loss_fn: LossFn, count_fn: CountFn,
     loss, metrics, grads = _scan_micro(micro, batch)
     grads_by_group = group_norms(grads, _take(labels, live))
     grad_norm = optax.tree.norm(grads)
+    # A finite loss and gradient norm mean finite gradients, and so finite new Adam moments (each is
+    # a convex mix of the old moment and g or g**2, and g**2 <= grad_norm**2). The optimizer is told
+    # whether to apply the step before it computes it (optimizer.make_optimizer's `apply`), so each
+    # new leaf is written over its donated old one: choosing between new and old state afterwards
+    # holds both (benchmarks/memory_3b.py).
     grads_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # Non-finite grads must not reach the optimizer state either: zero them, then keep the old state.
+    # Non-finite grads must not reach the optimizer's arithmetic either: zero them.
     safe_grads = _put(jax.tree_util.tree_map(jnp.zeros_like, params), live,
                       [jnp.where(grads_ok, g, jnp.zeros_like(g)) for g in grads])
-    updates, new_opt = tx.update(safe_grads, state["opt_state"], params)
+    updates, new_opt = tx.update(safe_grads, state["opt_state"], params, apply=grads_ok)
+    # Finite moments can still give non-finite weights (an overflowing learning rate): the check
+    # reads params + updates in a fused reduction, so the new params exist once, in place.
     new_params = optax.apply_updates(params, updates)
-    ok = grads_ok & all_finite((new_params, new_opt))
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    ok = grads_ok & all_finite(new_params)
+    select = lambda pred, new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)  # noqa: E731
     new_state = {
         "step": state["step"] + 1,
-        "params": keep(new_params, params),
-        "opt_state": keep(new_opt, state["opt_state"]),
+        "params": select(ok, new_params, params),
+        "opt_state": new_opt,
         "rng": state["rng"],
         "nonfinite_streak": jnp.where(ok, 0, state["nonfinite_streak"] + 1).astype(jnp.int32),
         "skipped": state["skipped"] + (~ok).astype(jnp.int32),

@@ -25,7 +25,7 @@ from bbu_jax.losses.matcher import MATCHERS, resolve_matcher
 from bbu_jax.models.attention import IMPLEMENTATIONS, resolve_implementation
 from bbu_jax.models.detection_head import HeadSpec
 from bbu_jax.models.layers import remat_policy
-from bbu_jax.training.optimizer import GROUPS, LR_SCALING, OptimSpec
+from bbu_jax.training.optimizer import GROUPS, LR_SCALING, MU_DTYPES, OptimSpec
 from bbu_jax.training.task import DTYPES, ModelSpec
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -184,6 +184,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "lr_scaling": (str, _choice(LR_SCALING)), "lr_reference_batch": (int, _positive),
         "warmup_steps": (int, _NONNEG), "min_lr_ratio": (float, _unit), "weight_decay": (float, _NONNEG),
         "adam_b1": (float, _beta), "adam_b2": (float, _beta), "adam_eps": (float, _positive),
+        "adam_mu_dtype": (str, _choice(MU_DTYPES)),
         "grad_clip_norm": (float, _NONNEG), "grad_accum_steps": (int, _positive),
         "head_freeze_steps": (int, _NONNEG),
     },
@@ -354,7 +355,7 @@ def build_specs(config: ml_collections.ConfigDict, device_count: int | None = No
         optim=OptimSpec(lrs={g: float(optim[f"{g}_lr"]) for g in GROUPS}, lr_scaling=optim.lr_scaling,
                         lr_reference_batch=optim.lr_reference_batch, warmup_steps=optim.warmup_steps,
                         min_lr_ratio=optim.min_lr_ratio, weight_decay=optim.weight_decay, b1=optim.adam_b1,
-                        b2=optim.adam_b2, eps=optim.adam_eps, grad_clip_norm=optim.grad_clip_norm,
+                        b2=optim.adam_b2, eps=optim.adam_eps, mu_dtype=optim.adam_mu_dtype, grad_clip_norm=optim.grad_clip_norm,
                         grad_accum_steps=optim.grad_accum_steps,
                         head_freeze_steps=optim.head_freeze_steps if head.enabled else 0),
         mesh=MeshSpec(**c.mesh.to_dict()),

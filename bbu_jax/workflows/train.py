@@ -128,11 +128,13 @@ def make_train_step(specs: Specs, built: Built, tx, abstract_state, *, remat: st
     return fn, shardings
 
 
-def step_batch_shapes(specs: Specs) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch of one optimizer step (micro-batches stacked), as the loop hands it over."""
-    d = specs.data
-    rows = d.batch_rows // jax.process_count() * jax.process_count()  # each process loads its share
-    dims = d.budgets(rows=rows, segments=d.segments_per_row).dims()
+def step_batch_shapes(specs: Specs, dims: dict[str, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of one optimizer step (micro-batches stacked), as the loop hands it over;
+    ``dims``: other budgets per micro-batch (``bbu_jax.data.batch``) than the run's."""
+    if dims is None:
+        d = specs.data
+        rows = d.batch_rows // jax.process_count() * jax.process_count()  # each process loads its share
+        dims = d.budgets(rows=rows, segments=d.segments_per_row).dims()
     return {k: jax.ShapeDtypeStruct((specs.optim.grad_accum_steps, *shape), FIELDS[k][1])
             for k, shape in expected_shapes(dims).items()}
 
