@@ -22,11 +22,11 @@ def _run_tiny(script: str, *args: str) -> tuple[str, str]:
     return out.stdout, out.stdout.strip().splitlines()[-1]
 
 
-def test_mfu_tiny_prints_headline():
-    """The product's step (head, matcher, guard) on the demo run's packed batches: both FLOP counts
-    printed; the compiled step executes more products than the model needs (masked attention pairs,
-    LM-head chunks), not less, and no step was skipped as non-finite (the script fails then)."""
-    stdout, last = _run_tiny("mfu.py")
+def _check_mfu_tiny(stdout: str, last: str) -> None:
+    """benchmarks/mfu.py --tiny: the product's step (head, matcher, guard) on the demo run's packed
+    batches: both FLOP counts printed; the compiled step executes more products than the model
+    needs (masked attention pairs, LM-head chunks), not less, and no step was skipped as
+    non-finite (the script fails then)."""
     m = re.fullmatch(r"mfu: (\d+(?:\.\d+)?)% of \S+ TFLOP/s \(.+\), (\d+) tokens/s/device", last)
     assert m, last
     assert 0 < float(m.group(1)) < 100 and int(m.group(2)) > 0
@@ -109,7 +109,8 @@ def test_packing_plans_and_prints_headline(tiny_hf_dir):
 def test_device_session_cpu_runs_every_phase(tmp_path):
     """benchmarks/device_session.py --cpu: the lent GPU's session at tiny size on the CPU, every line
     stamped with its time and phase as it comes, the log and a summary in --out. Carried wheels of
-    packages already installed are left alone (here: all of them)."""
+    packages already installed are left alone (here: all of them). Its mfu_tiny phase is mfu.py's
+    CI run (_check_mfu_tiny)."""
     wheels = tmp_path / "whl"
     wheels.mkdir()
     (wheels / "numpy-0.0-py3-none-any.whl").touch()
@@ -128,6 +129,10 @@ def test_device_session_cpu_runs_every_phase(tmp_path):
         ("env", "ok"), ("flash_check", "ok"), ("mfu_tiny", "ok"), ("loader_tiny", "ok")]
     log = (out_dir / "session.log").read_text()
     assert log.strip().splitlines() == lines
+    mfu = [re.sub(r"^\[ *\d+\.\ds mfu_tiny\] ", "", line) for line in lines if " mfu_tiny] " in line]
+    end = next(i for i, line in enumerate(mfu) if line.startswith("ok in "))  # then the summary's repeats
+    assert mfu[0].startswith("start ")
+    _check_mfu_tiny("\n".join(mfu[1:end]), mfu[end - 1])
     for shown in (r"env\] jax \d", r"flash_check\] .*1 passed", r"mfu_tiny\] compile: ", r"mfu_tiny\] step 2: ",
                   r"mfu_tiny\] mfu: ", r"loader_tiny\] loader: "):
         assert re.search(shown, log), shown
