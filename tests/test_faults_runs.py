@@ -100,6 +100,28 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_its_step_saved_again(tmp_p
     ck.close()
 
 
+def test_checkpoint_of_another_layout_is_refused_and_left_in_place(tmp_path, toy_task):
+    """A readable checkpoint written with other settings (here: the vision group frozen, so it has
+    no Adam state) is not corrupt: one error names the difference, no step is moved aside."""
+    make, _, _ = toy_task
+    make_frozen, _, _ = toy.train_setup(dict(LRS, vision=0.0))
+    ck = checkpointing.Checkpointer(tmp_path / "ckpt", max_to_keep=3, async_save=False)
+    ck.save(1, make_frozen())
+    with pytest.raises(checkpointing.CheckpointMismatchError) as e:
+        ck.restore_latest(_abstract(make()))
+    message = str(e.value)
+    print(message)
+    assert "\n" not in message and message.startswith(f"{ck.path(1)} holds another train state than this run")
+    assert "missing from it: " in message and "vision" in message and "only in it" not in message
+    assert ck.all_steps() == [1] and not list((tmp_path / "ckpt").glob("*.corrupt*"))
+    fresh = checkpointing.Checkpointer(tmp_path / "ckpt", max_to_keep=3, async_save=False)  # a new run's
+    with pytest.raises(checkpointing.CheckpointMismatchError):
+        fresh.restore_latest(_abstract(make()))
+    fresh.close()
+    assert ck.restore_latest(_abstract(make_frozen()))[0] == 1  # the settings that wrote it resume
+    ck.close()
+
+
 # ----------------------------------------------------------------------------- signals
 def test_sigint_saves_the_current_step_and_stops(tmp_path, toy_task):
     """Ctrl-C after step 2: step 3 (its batch was already read) is finished, saved with the data

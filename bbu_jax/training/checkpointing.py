@@ -13,6 +13,9 @@ Faults:
   involved, each with a traceback; those records go to DEBUG (`_OrbaxTracebacks`).
 - `restore_latest` walks back from the newest step; an unreadable one is moved aside to
   `<step>.corrupt` (kept for the user, invisible to orbax), so saving that step again later works.
+  A readable one whose state is laid out otherwise than the run's (another model size, a group
+  frozen or thawed, an older optimizer layout) is not corrupt: `CheckpointMismatchError` names
+  what differs and nothing is moved.
 """
 from __future__ import annotations
 
@@ -29,11 +32,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from bbu_jax.training.optimizer import path_str
+
 log = logging.getLogger(__name__)
 
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the earlier ones are intact."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint whose train state is not the one this run builds."""
+
+
+def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """'/'-joined path -> shape of every leaf; the same names for a live state and orbax's metadata
+    of it (dict keys, tuple indices and NamedTuple fields alike)."""
+    return {path_str(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 class _IteratorState:
@@ -190,16 +205,37 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             error = None
             try:
+                self._check_layout(step, abstract_state)
                 state, meta = self.restore(step, abstract_state)
                 if data_iterator is not None:
                     self._manager.restore(step, args=ocp.args.Composite(
                         data=grain.checkpoint.CheckpointRestore(_IteratorRestorer(data_iterator))))
+            except CheckpointMismatchError:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous one
                 error = e
             if _on_every_process(error is None):
                 return step, state, meta
             self._set_aside(step, error)
         return None
+
+    def _check_layout(self, step: int, abstract_state) -> None:
+        """Raises CheckpointMismatchError when the saved state's leaves (paths and shapes, from its
+        metadata) are not those of ``abstract_state``; dtypes may differ (restore casts)."""
+        # read with the state's handler: a manager that has not saved yet has none registered for it
+        saved = _leaf_shapes(ocp.StandardCheckpointHandler().metadata(self.path(step) / "state"))
+        wanted = _leaf_shapes(abstract_state)
+        if saved == wanted:
+            return
+        missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
+        reshaped = [f"{k} {saved[k]} -> {wanted[k]}" for k in sorted(wanted.keys() & saved.keys())
+                    if saved[k] != wanted[k]]
+        parts = [f"{what}: {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                 for what, keys in (("missing from it", missing), ("only in it", extra), ("other shapes", reshaped))
+                 if keys]
+        raise CheckpointMismatchError(
+            f"{self.path(step)} holds another train state than this run builds ({'; '.join(parts)}); resume "
+            "with the settings and bbu_jax version that wrote it, or train in another workdir")
 
     def _set_aside(self, step: int, error: BaseException | None) -> None:
         """Renames an unreadable step folder to <step>.corrupt (-N when taken) and forgets it."""
