@@ -10,7 +10,7 @@ from _detection_testing import C, HEAD_FIELDS, Q, VOCAB, W, loss_and_grads, make
 from flax import nnx
 
 from bbu_jax.losses import box_ops
-from bbu_jax.models.detection_head import caption_vocab_index, check_caption_ids
+from bbu_jax.models.detection_head import box_read, caption_vocab_index, check_caption_ids
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,23 @@ def test_all_padding_segment_is_finite(setup):
                  det_text_mask=np.zeros_like(batch["det_text_mask"]))
     out = _forward(head, hidden, tuple(batch[k] for k in HEAD_FIELDS))
     assert all(np.all(np.isfinite(v)) for v in out.values())
+
+
+def test_box_read_takes_the_tokens_around_each_box():
+    """A box around one token reads it, a box between two reads their mean, a box smaller than a
+    token reads the nearest one; padding tokens are never read and an image-less segment reads 0."""
+    values = jnp.asarray([[[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]]])  # (1, 1, 3, 2): third is padding
+    pos = jnp.asarray([[[[0.25, 0.25], [0.25, 0.75], [0.5, 0.5]]]])  # (y, x)
+    valid = jnp.asarray([[[True, True, False]]])
+    boxes = jnp.asarray([[[[0.25, 0.25, 0.2, 0.2],     # (cx, cy, w, h) around token 0
+                           [0.5, 0.25, 0.5, 0.2],      # between tokens 0 and 1
+                           [0.7, 0.3, 0.01, 0.01]]]])  # tiny, nearest to token 1
+    out = np.asarray(box_read(values, pos, valid, boxes))[0, 0]
+    np.testing.assert_allclose(out[0], [1.0, 0.0], atol=1e-4)
+    np.testing.assert_allclose(out[1], [0.5, 0.5], atol=1e-4)
+    np.testing.assert_allclose(out[2], [0.0, 1.0], atol=1e-4)
+    empty = box_read(values, pos, jnp.zeros_like(valid), boxes)
+    assert np.all(np.asarray(empty) == 0)
 
 
 def test_caption_vocab_index_and_host_check():

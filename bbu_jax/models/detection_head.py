@@ -8,7 +8,10 @@ normalized (y, x) position. Q learnable queries run through pre-norm decoder lay
 masked cross-attention, MLP); every layer's output gives boxes (sigmoid cxcywh) and objectness
 logits, so the loss can add auxiliary terms per layer.
 
-Captions: a small causal decoder whose first input is the (projected) query state and whose token
+Captions: a small causal decoder whose first input is the (projected) query state -- the final
+layer's state plus the vision memory read around the query's own predicted box (``box_read``):
+what a part is lies in the tokens where it is, which learned queries reach only slowly through
+attention -- and whose token
 embeddings and output scores both come from the LLM's embedding table restricted to the caption
 vocabulary (sorted LLM ids occurring in the dataset's descs plus ``<|im_end|>``): scoring the full
 151,936-id vocabulary for every object would dominate the head's cost. Gradients of the caption
@@ -140,6 +143,20 @@ class _Adapter(nnx.Module):
         return self.norm(self.proj(x))
 
 
+def box_read(values: Float[Array, "b s n w"], pos_yx: Float[Array, "b s n 2"], valid: Bool[Array, "b s n"],
+             boxes: Float[Array, "b s q 4"]) -> Float[Array, "b s q w"]:
+    """Each box's Gaussian-weighted mean of the memory tokens around it: weights exp(-d^2/2) with d
+    the token centre's offset from the box centre in half box sizes, so a box covering several
+    tokens averages them and a box smaller than a token reads its nearest token."""
+    centre = boxes[..., None, :2][..., ::-1]  # (b, s, q, 1, 2) as (y, x)
+    half = jnp.maximum(boxes[..., None, 2:][..., ::-1] / 2, 1e-3)
+    d = (pos_yx[:, :, None].astype(jnp.float32) - centre) / half  # (b, s, q, n, 2)
+    logits = jnp.where(valid[:, :, None], -0.5 * jnp.sum(d * d, axis=-1), -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1)
+    weights = jnp.where(valid[:, :, None].any(-1, keepdims=True), weights, 0.0)  # a segment without image
+    return jnp.einsum("bsqn,bsnw->bsqw", weights.astype(values.dtype), values, preferred_element_type=jnp.float32)
+
+
 def _gather_rows(hidden: Float[Array, "b l d"], index: Int[Array, "b s n"]) -> Float[Array, "b s n d"]:
     return jax.vmap(lambda h, i: jnp.take(h, i, axis=0, mode="clip"))(hidden, index)
 
@@ -169,6 +186,8 @@ class DetectionHead(nnx.Module):
         prior_bias = -math.log((1 - objectness_prior) / objectness_prior)
         self.objectness = nnx.Linear(width, 1, bias_init=nnx.initializers.constant(prior_bias), **kw)
         # caption decoder
+        # zero-initialized: the box read starts as no change and grows as it helps the captions
+        self.box_read = nnx.Linear(width, width, kernel_init=nnx.initializers.zeros, **kw)
         self.caption_prefix = nnx.Linear(width, width, **kw)
         self.caption_token_proj = nnx.Linear(llm_hidden, width, **kw)
         self.caption_pos = nnx.Param(init(rngs.params(), (spec.max_caption_len, width), param_dtype))
@@ -192,7 +211,8 @@ class DetectionHead(nnx.Module):
                  det_text_index: Int[Array, "b s nt"], det_text_mask: Bool[Array, "b s nt"]
                  ) -> dict[str, Array]:
         """Returns boxes (NL, B, S, Q, 4) sigmoid cxcywh, logits (NL, B, S, Q) and queries
-        (B, S, Q, W), the final layer's normed query states (caption prefixes), all float32."""
+        (B, S, Q, W): the final layer's normed query states plus the vision memory read at each
+        query's final box (caption prefixes), all float32."""
         memory, memory_pos, mask = self.memory(hidden, det_vision_index, det_vision_mask,
                                                det_vision_pos, det_text_index, det_text_mask)
         memory, memory_pos = memory.astype(self.dtype), memory_pos.astype(self.dtype)
@@ -210,7 +230,11 @@ class DetectionHead(nnx.Module):
             h = lin(h) if i == len(self.box_mlp) - 1 else jax.nn.relu(lin(h))
         boxes = jax.nn.sigmoid(h.astype(jnp.float32))
         logits = self.objectness(states.astype(self.dtype))[..., 0].astype(jnp.float32)
-        return {"boxes": boxes, "logits": logits, "queries": states[-1]}
+        nv = det_vision_index.shape[-1]
+        seen = box_read(memory[..., :nv, :], det_vision_pos, det_vision_mask.astype(bool),
+                        jax.lax.stop_gradient(boxes[-1]))
+        queries = states[-1] + self.box_read(seen.astype(self.dtype)).astype(jnp.float32)
+        return {"boxes": boxes, "logits": logits, "queries": queries}
 
     def caption_embeddings(self, embed_table: Float[Array, "v d"], caption_vocab: Int[Array, " k"]
                            ) -> Float[Array, "k w"]:
