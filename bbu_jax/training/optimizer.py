@@ -122,7 +122,8 @@ def adamw(lr: optax.Schedule, *, b1: float, b2: float, eps: float, weight_decay:
     Hand-written because optax.adamw derives its update from the new moments before the train
     step's guard can choose between them and the old ones; XLA then fuses the moment arithmetic
     into both the update and the state's write and keeps a copy of every old moment for it
-    (~17 GiB on the 3B, benchmarks/memory_3b.py). Here the update reads the moments as stored.
+    (benchmarks/RESULTS.md, memory_3b). Here the update reads the moments as stored -- with a
+    bf16 first moment, its rounded value (optax would use the f32 one of this step).
     """
     mu_dtype = jnp.dtype(mu_dtype)
 
