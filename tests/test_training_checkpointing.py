@@ -61,12 +61,14 @@ def test_round_trip_keeps_shardings_data_position_and_keeps_n(tmp_path, sharded_
     ck.close()
 
 
-def test_unreadable_latest_falls_back_with_warning(tmp_path, sharded_state, caplog):
+@pytest.mark.parametrize("keep", [0.0, 0.5])
+def test_unreadable_latest_falls_back_with_warning(tmp_path, sharded_state, caplog, keep):
+    """Files cut to nothing or to half (read memory-mapped: a clean error, not a SIGBUS)."""
     state, target = sharded_state
     ck, later = _save_two(tmp_path, state)
     for root, _, files in os.walk(ck.path(3) / "state"):  # truncate every array file of step 3
         for f in files:
-            open(os.path.join(root, f), "wb").close()
+            os.truncate(os.path.join(root, f), int(os.path.getsize(os.path.join(root, f)) * keep))
     os.makedirs(tmp_path / "ckpt" / "4.orbax-checkpoint-tmp-123")  # a save killed midway
     data = _data()
     with caplog.at_level(logging.WARNING):
@@ -80,4 +82,18 @@ def test_unreadable_latest_falls_back_with_warning(tmp_path, sharded_state, capl
 def test_no_checkpoint_gives_none(tmp_path, sharded_state):
     ck = checkpointing.Checkpointer(tmp_path / "empty", max_to_keep=1, async_save=False)
     assert ck.restore_latest(sharded_state[1]) is None
+    ck.close()
+
+
+def test_arrays_are_stored_uncompressed_and_read_mapped(tmp_path, sharded_state):
+    """A state with 1 MiB of zeros takes 1 MiB on disk: no zstd pass on save or restore; and
+    tensorstore reads the files memory-mapped."""
+    import jax.numpy as jnp
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    assert tensorstore_utils.get_ts_context(use_ocdbt=True)["file_io_mode"].to_json() == {"mode": "memmap"}
+    ck = checkpointing.Checkpointer(tmp_path / "ckpt", max_to_keep=1, async_save=False)
+    ck.save(1, {"zeros": jnp.zeros(2**18, jnp.float32)})
+    on_disk = sum(f.stat().st_size for f in (ck.path(1) / "state").rglob("*") if f.is_file())
+    assert on_disk >= 2**20, on_disk
     ck.close()

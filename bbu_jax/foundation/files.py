@@ -21,13 +21,13 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 
 # Everything an HF Qwen2.5-VL folder carries besides config.json and the weights: tokenizer,
 # chat template, processor and generation settings. Copied as they are on export.
@@ -42,13 +42,34 @@ log = logging.getLogger(__name__)
 _HOST = socket.gethostname().replace(os.sep, "_")
 
 
-def save_safetensors_shards(weights: dict[str, np.ndarray], folder: Path,
+@dataclasses.dataclass(frozen=True)
+class TensorSource:
+    """A tensor made only when its turn to be written comes: ``fill(out)`` writes it into ``out``,
+    an array of ``shape`` and ``dtype`` (a buffer the writer reuses), so a file of many tensors never
+    holds more than two of them in memory."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fill: Callable[[np.ndarray], None]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    def array(self) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        self.fill(out)
+        return out
+
+
+def save_safetensors_shards(weights: Mapping[str, np.ndarray | TensorSource], folder: Path,
                             max_shard_bytes: int | None = None) -> None:
-    """One model.safetensors, or HF-style shards plus model.safetensors.index.json."""
-    if max_shard_bytes is None or sum(v.nbytes for v in weights.values()) <= max_shard_bytes:
-        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    """One model.safetensors, or HF-style shards (at most ``max_shard_bytes`` each, a larger tensor
+    alone) plus model.safetensors.index.json; tensors in the order given."""
+    total = sum(v.nbytes for v in weights.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        write_safetensors(folder / "model.safetensors", weights, {"format": "pt"})
         return
-    shards: list[dict[str, np.ndarray]] = [{}]
+    shards: list[dict[str, np.ndarray | TensorSource]] = [{}]
     size = 0
     for key, value in weights.items():
         if shards[-1] and size + value.nbytes > max_shard_bytes:
@@ -59,10 +80,47 @@ def save_safetensors_shards(weights: dict[str, np.ndarray], folder: Path,
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        write_safetensors(folder / name, shard, {"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray | TensorSource],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """A safetensors file (8-byte little-endian header length, JSON header padded with spaces to 8
+    bytes, each tensor's bytes in header order), written tensor by tensor; a ``TensorSource`` is
+    filled into one of two reused buffers while the other one's bytes are being written.
+
+    Hand-written because safetensors' ``save_file`` wants every tensor in memory at once and copies
+    each once more before writing: for a 3B export that is the whole model twice over."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, t in tensors.items():
+        header[key] = {"dtype": SAFETENSORS_CODES[np.dtype(t.dtype)], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    largest = max((t.nbytes for t in tensors.values() if isinstance(t, TensorSource)), default=0)
+    buffers = [np.empty(largest, np.uint8) for _ in range(2)]
+    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="safetensors-write") as writer:
+        f.write(len(text).to_bytes(8, "little") + text)
+        pending: list[Future | None] = [None, None]  # the write that reads each buffer
+        for i, t in enumerate(tensors.values()):
+            slot = i % 2
+            if pending[slot] is not None:
+                pending[slot].result()  # its buffer is free again
+            if isinstance(t, TensorSource):
+                out = buffers[slot][:t.nbytes].view(t.dtype).reshape(t.shape)
+                t.fill(out)
+            else:
+                out = np.ascontiguousarray(t)
+            # one writer thread: the writes land in header order
+            pending[slot] = writer.submit(f.write, out.reshape(-1).view(np.uint8).data)
+        for done in pending:
+            if done is not None:
+                done.result()
 
 
 # safetensors dtype codes (the header's "dtype") -> numpy
@@ -71,6 +129,7 @@ SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "I16": np.dtype(np.int16),
     "I32": np.dtype(np.int32), "I64": np.dtype(np.int64), "BOOL": np.dtype(bool),
 }
+SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
 
 @dataclasses.dataclass(frozen=True)

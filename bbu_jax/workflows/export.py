@@ -34,9 +34,10 @@ from bbu_jax.inference.loading import find_step, load_trained
 from bbu_jax.inference.settings import Settings
 from bbu_jax.models.detection_head import DetectionHead
 from bbu_jax.models.detection_head_files import save_detection_head
-from bbu_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, from_hf, to_hf_state_dict
+from bbu_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, from_hf, hf_tensors
 from bbu_jax.models.qwen2_5_vl.params import abstract_model
 from bbu_jax.models.qwen2_5_vl.processing import PROCESSOR_FILE, with_pixel_limits
+from bbu_jax.training.checkpointing import arrays_handler
 from bbu_jax.workflows.model_card import model_card
 
 FORMAT = "bbu_jax.params"
@@ -50,9 +51,8 @@ def save_params_checkpoint(model: nnx.Module, out: Path, hf_files_from: Path, so
                            overwrite: bool = False) -> Path:
     """Write ``model``'s params + the HF side files atomically to ``out``."""
     with atomic_dir(out, overwrite=overwrite, sources=[hf_files_from]) as tmp:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save((tmp / "params").absolute(), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-        ckptr.wait_until_finished()
+        ocp.Checkpointer(arrays_handler()).save(
+            (tmp / "params").absolute(), args=ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
         (tmp / "hf").mkdir()
         shutil.copy2(hf_files_from / "config.json", tmp / "hf" / "config.json")
         copy_side_files(hf_files_from, tmp / "hf")
@@ -107,8 +107,7 @@ def export(model: Qwen25VL, out: str | Path, base_hf_dir: str | Path, *, dtype: 
         raise ValueError(f"dtype {dtype!r} not one of {sorted(EXPORT_DTYPES)}")
     base = Path(base_hf_dir)
     with atomic_dir(out, overwrite=overwrite, sources=[base, *sources]) as tmp:
-        weights = to_hf_state_dict(model, layout="legacy", dtype=EXPORT_DTYPES[dtype])
-        save_safetensors_shards(weights, tmp, max_shard_bytes)
+        save_safetensors_shards(hf_tensors(model, layout="legacy", dtype=EXPORT_DTYPES[dtype]), tmp, max_shard_bytes)
         copied = copy_side_files(base, tmp)
         if "tokenizer_config.json" not in copied and "tokenizer.json" not in copied:
             raise FileNotFoundError(f"{base}: no tokenizer files to copy into the export")

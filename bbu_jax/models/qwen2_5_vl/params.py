@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bbu_jax.foundation.files import StoredTensor, map_tensor, safetensors_tensors
+from bbu_jax.foundation.files import StoredTensor, TensorSource, map_tensor, safetensors_tensors
 
 from bbu_jax.models.qwen2_5_vl.config import Qwen25VLConfig, check_model_dir
 from bbu_jax.models.qwen2_5_vl.model import Qwen25VL
@@ -126,15 +126,14 @@ def from_hf(hf_dir: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh | Non
         return t
 
     flat = []
-    with ThreadPoolExecutor(_THREADS) as pool:
-        for path, var in nnx.to_flat_state(abs_state):
-            shape = tuple(var.shape)
-            stacked = _is_stacked(path)
-            hf_shape = _hf_shape(cfg, path, shape[1:] if stacked else shape)
-            keys = [hf_key(path, i, layout) for i in range(shape[0])] if stacked else [hf_key(path, None, layout)]
-            value = _load_param(_kind(path), [tensor(k, hf_shape) for k in keys], stacked, shape,
-                                np.dtype(var.dtype), None if shardings is None else shardings[path], pool)
-            flat.append((path, var.replace(value)))
+    for path, var in nnx.to_flat_state(abs_state):
+        shape = tuple(var.shape)
+        stacked = _is_stacked(path)
+        hf_shape = _hf_shape(cfg, path, shape[1:] if stacked else shape)
+        keys = [hf_key(path, i, layout) for i in range(shape[0])] if stacked else [hf_key(path, None, layout)]
+        value = _load_param(_kind(path), [tensor(k, hf_shape) for k in keys], stacked, shape,
+                            np.dtype(var.dtype), None if shardings is None else shardings[path])
+        flat.append((path, var.replace(value)))
     unknown = sorted(set(files) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if unknown:
         raise KeyError(f"{hf_dir}: unexpected tensors {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
@@ -159,6 +158,12 @@ _BF16 = np.dtype(jnp.bfloat16)
 _PARALLEL_BYTES = 1 << 20  # smaller tensors are copied by the calling thread
 # threads that copy a tensor's rows; beyond a few, memory bandwidth rather than cores is the limit
 _THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@functools.cache
+def _copy_pool() -> ThreadPoolExecutor:
+    """The threads that copy tensors' rows, started once and kept (idle between loads)."""
+    return ThreadPoolExecutor(_THREADS, thread_name_prefix="param-copy")
 
 
 def _kind(path) -> str | None:
@@ -194,9 +199,9 @@ def _copy_cast(src: np.ndarray, dst: np.ndarray) -> None:
         np.copyto(dst, src.astype(np.float32), casting="unsafe")
 
 
-def _copy_into(src: np.ndarray, dst: np.ndarray, transpose: bool, pool: ThreadPoolExecutor) -> None:
+def _copy_into(src: np.ndarray, dst: np.ndarray, transpose: bool) -> None:
     """``dst[...] = src`` (``src.T`` with ``transpose``, both matrices) in dst's dtype, the rows of
-    ``src`` split between the pool's threads (numpy lets go of the GIL inside each copy)."""
+    ``src`` split between ``_copy_pool``'s threads (numpy lets go of the GIL inside each copy)."""
     if src.ndim == 0:
         _copy_cast(src, dst)
         return
@@ -209,6 +214,7 @@ def _copy_into(src: np.ndarray, dst: np.ndarray, transpose: bool, pool: ThreadPo
         for r in range(lo, hi, _ROWS):
             _copy_cast(src[r:min(r + _ROWS, hi)].T, dst[:, r:min(r + _ROWS, hi)])
 
+    pool = _copy_pool()
     for done in [pool.submit(part, lo, min(lo + step, len(src))) for lo in range(0, len(src), step)]:
         done.result()
 
@@ -219,7 +225,7 @@ def _put_layers(out: jax.Array, layers: jax.Array, start) -> jax.Array:
 
 
 def _load_param(kind: str | None, tensors: list[StoredTensor], stacked: bool, shape: tuple[int, ...],
-                dtype: np.dtype, sharding: NamedSharding | None, pool: ThreadPoolExecutor) -> jax.Array:
+                dtype: np.dtype, sharding: NamedSharding | None) -> jax.Array:
     """One param from its stored tensors (one per layer when ``stacked``), on ``sharding`` (None:
     the default device).
 
@@ -231,7 +237,7 @@ def _load_param(kind: str | None, tensors: list[StoredTensor], stacked: bool, sh
         buf = _host_empty((len(chunk), *shape[1:]) if stacked else shape, dtype)
         for i, t in enumerate(chunk):
             src = map_tensor(t)  # a Linear weight (out, in) -> (in, out); the patch embedding flattened first
-            _copy_into(src.reshape(len(src), -1) if kind else src, buf[i] if stacked else buf, kind is not None, pool)
+            _copy_into(src.reshape(len(src), -1) if kind else src, buf[i] if stacked else buf, kind is not None)
         return buf
 
     # device_put is asynchronous: waiting frees the host buffer before the next one is filled
@@ -259,21 +265,34 @@ def _hf_shape(cfg: Qwen25VLConfig, path, nnx_shape: tuple[int, ...]) -> tuple[in
     return nnx_shape[::-1]
 
 
-def to_hf_state_dict(model: Qwen25VL, layout: str = "legacy", dtype=np.float32) -> dict[str, np.ndarray]:
-    """HF state dict (numpy, ``dtype``) in the given key layout; no lm_head when embeddings are tied.
-    Each param is fetched once and each HF tensor written in one pass, transposed and cast."""
+def hf_tensors(model: Qwen25VL, layout: str = "legacy", dtype=np.float32) -> dict[str, TensorSource]:
+    """The HF tensors of ``model`` in the given key layout and ``dtype``, each made (transposed and
+    cast in one pass) only when written; no lm_head when embeddings are tied. A param is fetched from
+    its devices when its first tensor is made and dropped after its last (they come in order)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
     dtype = np.dtype(dtype)
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+    @functools.lru_cache(maxsize=1)
+    def fetched(path) -> np.ndarray:
+        return np.asarray(jax.device_get(params[path].get_value()))
+
+    def fill(path, layer: int | None, out: np.ndarray) -> None:
+        value = fetched(path)
+        kind = _kind(path)
+        _copy_into(value if layer is None else value[layer], out.reshape(len(out), -1) if kind else out,
+                   kind is not None)
+
     out = {}
-    with ThreadPoolExecutor(_THREADS) as pool:
-        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-            value = np.asarray(jax.device_get(var.get_value()))
-            kind, stacked = _kind(path), _is_stacked(path)
-            hf_shape = _hf_shape(model.config, path, value.shape[1:] if stacked else value.shape)
-            for i in range(value.shape[0]) if stacked else [None]:
-                dst = _host_empty(hf_shape, dtype)
-                _copy_into(value if i is None else value[i], dst.reshape(len(dst), -1) if kind else dst,
-                           kind is not None, pool)
-                out[hf_key(path, i, layout)] = dst
+    for path, var in params.items():
+        stacked = _is_stacked(path)
+        hf_shape = _hf_shape(model.config, path, var.shape[1:] if stacked else var.shape)
+        for i in range(var.shape[0]) if stacked else [None]:
+            out[hf_key(path, i, layout)] = TensorSource(hf_shape, dtype, functools.partial(fill, path, i))
     return out
+
+
+def to_hf_state_dict(model: Qwen25VL, layout: str = "legacy", dtype=np.float32) -> dict[str, np.ndarray]:
+    """``hf_tensors`` made, all in memory (numpy)."""
+    return {k: t.array() for k, t in hf_tensors(model, layout, dtype).items()}
