@@ -151,9 +151,10 @@ def stored_tensors(files: dict[str, Path]) -> dict[str, StoredTensor]:
 # Beyond the params, host memory holds at most this much of a param being placed on devices that
 # cannot take its host buffer as it is (a mesh, an accelerator): larger stacks go in chunks of layers.
 LOAD_CHUNK_BYTES = 1 << 30
-# Rows of a stored matrix transposed per step: the cache lines of their columns stay hot while each
-# is written out, where a whole-matrix transpose would read every element from a new line.
-_ROWS = 64
+# Rows of a stored matrix cast and then written out as columns per step: few enough that they stay
+# in cache while every column's cache line of the destination is written, where a whole-matrix
+# transpose would write each element to a new line.
+_ROWS = 16
 _BF16 = np.dtype(jnp.bfloat16)
 _PARALLEL_BYTES = 1 << 20  # smaller tensors are copied by the calling thread
 # threads that copy a tensor's rows; beyond a few, memory bandwidth rather than cores is the limit
@@ -211,8 +212,13 @@ def _copy_into(src: np.ndarray, dst: np.ndarray, transpose: bool) -> None:
         if not transpose:
             _copy_cast(src[lo:hi], dst[lo:hi])
             return
+        # cast a few rows contiguously, then move them into place as columns: numpy's cast loops
+        # run several times slower on a transposed view than a same-dtype strided copy does
+        rows = np.empty((_ROWS, src.shape[1]), dst.dtype)
         for r in range(lo, hi, _ROWS):
-            _copy_cast(src[r:min(r + _ROWS, hi)].T, dst[:, r:min(r + _ROWS, hi)])
+            n = min(r + _ROWS, hi) - r
+            _copy_cast(src[r:r + n], rows[:n])
+            dst[:, r:r + n] = rows[:n].T
 
     pool = _copy_pool()
     for done in [pool.submit(part, lo, min(lo + step, len(src))) for lo in range(0, len(src), step)]:
