@@ -5,8 +5,12 @@ host-computed indices of ``bbu_jax.data.batch`` (student image tokens = vision s
 prompt tokens = text stream; never answer tokens). Each stream has its own adapter (projection +
 LayerNorm) and a stream-type embedding; vision keys also get a 2D sine embedding of the token's
 normalized (y, x) position. Q learnable queries run through pre-norm decoder layers (self-attention,
-masked cross-attention, MLP); every layer's output gives boxes (sigmoid cxcywh) and objectness
-logits, so the loss can add auxiliary terms per layer.
+masked cross-attention, MLP). Each query carries a reference box (DAB-DETR's anchor): a learned
+anchor for the first layer, then the box the previous layer gave; the query's position term is made
+from it (the sine embedding of its centre, the same as the vision keys', and its size), so its
+cross-attention looks near its box from the first step on, where DETR's learned positions find
+that place only after long training. Every layer refines its reference box (a delta before the
+sigmoid) and gives objectness logits, so the loss can add auxiliary terms per layer.
 
 Captions: a small causal decoder whose first input is the (projected) query state -- the final
 layer's state plus the vision memory read around the query's own predicted box (``box_read``):
@@ -178,11 +182,18 @@ class DetectionHead(nnx.Module):
         self.text_adapter = _Adapter(llm_hidden, width, **kw)
         self.stream_embed = nnx.Param(init(rngs.params(), (2, width), param_dtype))
         self.query_content = nnx.Param(init(rngs.params(), (spec.num_queries, width), param_dtype))
-        self.query_pos = nnx.Param(init(rngs.params(), (spec.num_queries, width), param_dtype))
+        # each query's anchor box (cxcywh before the sigmoid): the first layer's reference, spread
+        # uniformly over the image; every layer refines the box it is given
+        self.query_anchor = nnx.Param(jax.random.uniform(rngs.params(), (spec.num_queries, 4), param_dtype,
+                                                         -2.0, 2.0).at[:, 2:].set(-1.5))
+        # reference box -> query position: the sine embedding of its centre (the same as the vision
+        # tokens' positions, so a query's cross-attention favours the tokens near its box)
+        self.ref_pos = nnx.List([nnx.Linear(width + 2, width, **kw), nnx.Linear(width, width, **kw)])
         self.layers = nnx.List([block(cross_attention=True) for _ in range(spec.num_layers)])
         self.out_norm = nnx.LayerNorm(width, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+        # box refinement (pre-sigmoid delta), zero-initialized: the first boxes are the anchors
         self.box_mlp = nnx.List([nnx.Linear(width, width, **kw), nnx.Linear(width, width, **kw),
-                                 nnx.Linear(width, 4, **kw)])
+                                 nnx.Linear(width, 4, kernel_init=nnx.initializers.zeros, **kw)])
         prior_bias = -math.log((1 - objectness_prior) / objectness_prior)
         self.objectness = nnx.Linear(width, 1, bias_init=nnx.initializers.constant(prior_bias), **kw)
         # caption decoder
@@ -217,24 +228,38 @@ class DetectionHead(nnx.Module):
                                                det_vision_pos, det_text_index, det_text_mask)
         memory, memory_pos = memory.astype(self.dtype), memory_pos.astype(self.dtype)
         b, s = det_vision_index.shape[:2]
-        x = jnp.broadcast_to(self.query_content[...].astype(jnp.float32),
-                             (b, s, self.spec.num_queries, self.spec.width))
-        pos = self.query_pos[...].astype(self.dtype)
-        states = []
+        shape = (b, s, self.spec.num_queries)
+        x = jnp.broadcast_to(self.query_content[...].astype(jnp.float32), (*shape, self.spec.width))
+        ref = jnp.broadcast_to(self.query_anchor[...].astype(jnp.float32), (*shape, 4))  # pre-sigmoid
+        states, boxes = [], []
         for layer in self.layers:
-            x = layer(x, pos, memory=memory, memory_pos=memory_pos, memory_valid=mask)
+            x = layer(x, self._ref_pos(jax.nn.sigmoid(ref)), memory=memory, memory_pos=memory_pos,
+                      memory_valid=mask)
             states.append(self.out_norm(x))
-        states = jnp.stack(states)  # (NL, B, S, Q, W)
-        h = states.astype(self.dtype)
-        for i, lin in enumerate(self.box_mlp):
-            h = lin(h) if i == len(self.box_mlp) - 1 else jax.nn.relu(lin(h))
-        boxes = jax.nn.sigmoid(h.astype(jnp.float32))
+            # a refinement of the given box; the next layer starts from it without a gradient
+            # through it (each layer's box loss trains that layer's delta)
+            box_logit = ref + self._box_delta(states[-1])
+            boxes.append(jax.nn.sigmoid(box_logit))
+            ref = jax.lax.stop_gradient(box_logit)
+        states, boxes = jnp.stack(states), jnp.stack(boxes)  # (NL, B, S, Q, W), (NL, B, S, Q, 4)
         logits = self.objectness(states.astype(self.dtype))[..., 0].astype(jnp.float32)
         nv = det_vision_index.shape[-1]
         seen = box_read(memory[..., :nv, :], det_vision_pos, det_vision_mask.astype(bool),
                         jax.lax.stop_gradient(boxes[-1]))
         queries = states[-1] + self.box_read(seen.astype(self.dtype)).astype(jnp.float32)
         return {"boxes": boxes, "logits": logits, "queries": queries}
+
+    def _ref_pos(self, box: Float[Array, "*q 4"]) -> Float[Array, "*q w"]:
+        """Query position of a reference box: its centre's sine embedding and its size, through an MLP."""
+        h = jnp.concatenate([sine_position_embedding_2d(box[..., 1::-1], self.spec.width), box[..., 2:]], -1)
+        h = jax.nn.relu(self.ref_pos[0](h.astype(self.dtype)))
+        return self.ref_pos[1](h)
+
+    def _box_delta(self, state: Float[Array, "*q w"]) -> Float[Array, "*q 4"]:
+        h = state.astype(self.dtype)
+        for i, lin in enumerate(self.box_mlp):
+            h = lin(h) if i == len(self.box_mlp) - 1 else jax.nn.relu(lin(h))
+        return h.astype(jnp.float32)
 
     def caption_embeddings(self, embed_table: Float[Array, "v d"], caption_vocab: Int[Array, " k"]
                            ) -> Float[Array, "k w"]:
