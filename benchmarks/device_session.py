@@ -1,8 +1,8 @@
-"""One call on a lent GPU (the device tool), run on its image as it is: the packages the image lacks
-come from carried wheels (.whl/, ``make wheels``), then, each in its own process with its own time
+"""One call on a lent GPU (the device tool), run on its image as it is: the packages the image lacks,
+or holds at versions other than the lock's, come from carried wheels (.whl/, ``make wheels``), then, each in its own process with its own time
 budget inside one overall budget: the versions and devices; the Triton flash kernels against the
-"xla" kernel on the GPU; the 3B train step with each fused attention kernel (compile time, each
-step's time, MFU); how many GPUs one loader process feeds on the host's CPUs. Every line is printed
+"xla" kernel on the GPU; the 3B train step with each fused attention kernel and the product's
+remat choice (compile time, each step's time, MFU); how many GPUs one loader process feeds on the host's CPUs. Every line is printed
 as it comes, stamped with the seconds since the start and its phase; the whole log
 (``session.log``), a summary (``summary.json``: each phase's status, seconds and headlines) and the
 benchmark records (``records.jsonl``, lines for benchmarks/results.jsonl) go to $OUT (``--out``,
@@ -36,7 +36,7 @@ RESULTS = ROOT / "benchmarks" / "results.jsonl"
 # Carried wheels go here, outside the repository, and on PYTHONPATH for every phase.
 SITE = Path("/tmp/bbu_jax_site")
 # Lines worth repeating at the end: test results and errors, compile and step times, benchmark headlines.
-HEADLINE = re.compile(r"rel err|passed|failed|error|^compile|^mfu:|^attention_pairs:|^loader:|^  (step s|MFU)",
+HEADLINE = re.compile(r"rel err|passed|failed|error|^compile|^remat auto|^mfu:|^attention_pairs:|^loader:|^  (step s|MFU)",
                       re.IGNORECASE)
 VERSIONS = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "orbax-checkpoint",
             "grain", "transformers", "tokenizers", "numpy", "ml-dtypes", "jaxtyping", "beartype")
@@ -55,9 +55,11 @@ print("device kind", jax.devices()[0].device_kind)
 """
 
 
-def phases(cpu: bool) -> list[tuple[str, list[str], float]]:
+def phases(cpu: bool, remat: str = "auto") -> list[tuple[str, list[str], float]]:
     """(name, argv after the python executable, budget in seconds) of each phase. The loader phase
-    measures the host's CPUs: it runs with JAX on the CPU (``Session.run``)."""
+    measures the host's CPUs: it runs with JAX on the CPU (``Session.run``). ``remat``: the train
+    step's policy ("auto", the product's default, compiles its candidates until one fits; a rerun
+    names the one it chose and saves those compiles)."""
     flash = ["-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_flash_attention.py"]
     if cpu:  # Pallas' interpreter: one case shows the check runs
         return [("env", ["-c", ENV_CODE], 60),
@@ -65,11 +67,12 @@ def phases(cpu: bool) -> list[tuple[str, list[str], float]]:
                 ("mfu_tiny", ["benchmarks/mfu.py", "--tiny", "--no-record"], 120),
                 ("loader_tiny", ["benchmarks/loader.py", "--num_images", "12", "--scale", "1", "--batches", "1",
                                  "--workers", "0", "--no-record"], 120)]
+    # the product's default remat ("auto": the least recomputation whose compiled step fits this GPU)
     return [("env", ["-c", ENV_CODE], 25),
             ("flash_check", [*flash, "-k", "xla_kernel or bfloat16"], 55),
-            ("mfu_pallas", ["benchmarks/mfu.py", "--attention", "pallas", "--remat", "full"], 125),
-            ("mfu_cudnn", ["benchmarks/mfu.py", "--attention", "cudnn", "--remat", "full"], 110),
-            ("loader", ["benchmarks/loader.py", "--num_images", "60", "--batches", "4", "--workers", "1", "4"], 45)]
+            ("mfu_pallas", ["benchmarks/mfu.py", "--attention", "pallas", "--remat", remat], 150),
+            ("mfu_cudnn", ["benchmarks/mfu.py", "--attention", "cudnn", "--remat", remat], 110),
+            ("loader", ["benchmarks/loader.py", "--num_images", "60", "--batches", "4", "--workers", "1", "4"], 40)]
 
 
 class Session:
@@ -128,22 +131,50 @@ class Session:
         return {"phase": name, "status": status, "seconds": round(seconds, 1), "headlines": headlines[-12:]}
 
 
-def install_wheels(session: Session, wheels: Path, env: dict) -> None:
-    """Installs the carried wheels whose distributions this python lacks (none where the project is
-    installed already, as here or in CI) into SITE, and puts SITE on the phases' path."""
-    missing = []
+def pending_wheels(wheels: Path) -> list[tuple[Path, str | None]]:
+    """(wheel, the version installed or None) for each carried wheel whose distribution this python
+    lacks or holds at another version."""
+    pending = []
     for whl in sorted(wheels.glob("*.whl")) if wheels.is_dir() else []:
+        name, version = whl.name.split("-")[:2]
         try:
-            importlib.metadata.version(whl.name.split("-")[0])
+            installed = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            missing.append(whl)
+            installed = None
+        if installed != version:
+            pending.append((whl, installed))
+    return pending
+
+
+def install_wheels(session: Session, wheels: Path, env: dict) -> None:
+    """Installs the `pending_wheels` into SITE, ahead of the image's packages on the phases' path:
+    the run uses the lock's versions."""
+    pending = pending_wheels(wheels)
+    for whl, installed in pending:
+        name, version = whl.name.split("-")[:2]
+        session.say("wheels", f"{name} {version}" + (f" (the image has {installed})" if installed else ""))
+    missing = [whl for whl, _ in pending]
     if not missing:
         session.say("wheels", f"nothing to install from {wheels}")
         return
-    session.say("wheels", "installing " + " ".join(w.name.split("-")[0] for w in missing))
+    session.say("wheels", f"installing {len(missing)} wheel(s) into {SITE}")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                     "--no-cache-dir", "--upgrade", "--target", str(SITE), *map(str, missing)], check=True)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), env.get("PYTHONPATH")]))
+
+
+def check_flags(session: Session, env: dict, xla_flags_before: str) -> None:
+    """Starts jax once with the product's GPU flags; where this jaxlib aborts on a name it does not
+    know, the phases run without them (``BBU_JAX_GPU_FLAGS=0``) rather than all failing alike."""
+    proc = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    unknown = [line for line in (proc.stdout + proc.stderr).splitlines() if "unknown flag" in line.lower()]
+    if proc.returncode == 0 or not unknown:
+        return
+    session.say("session", f"this jaxlib refuses the product's GPU flags ({unknown[0].strip()}); "
+                           f"the phases run without them (BBU_JAX_GPU_FLAGS=0)")
+    env["XLA_FLAGS"] = xla_flags_before
+    env["BBU_JAX_GPU_FLAGS"] = "0"
 
 
 def main() -> None:
@@ -152,18 +183,31 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT") or "device_out",
                    help="logs and results (default: $OUT, else ./device_out)")
     p.add_argument("--wheels", default=str(ROOT / ".whl"), help="carried wheels (make wheels)")
-    p.add_argument("--budget_s", type=float, default=360, help="the whole session, wheels included")
+    p.add_argument("--budget_s", type=float, default=390, help="the whole session, wheels included")
+    p.add_argument("--remat", default="auto", help="the 3B step's remat policy (default: the product's, auto)")
+    p.add_argument("--phases", default=None, help="comma-separated phase names to run (default: all)")
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     session = Session(out, args.budget_s)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu" if args.cpu else "cuda"}
+    xla_flags_before = env.get("XLA_FLAGS", "")
     set_gpu_flags(env)  # every phase runs with the product's GPU flags (the scripts set them too)
     session.say("session", f"{'cpu, tiny' if args.cpu else 'gpu'}; budget {args.budget_s:.0f} s; out {out}; "
                            f"XLA_FLAGS {env.get('XLA_FLAGS') or '(none)'}")
-    install_wheels(session, Path(args.wheels), env)
+    if args.cpu:  # CI's or a developer's environment, installed from the lock; the wheels are the image's
+        session.say("wheels", "cpu mode: this environment's packages")
+    else:
+        install_wheels(session, Path(args.wheels), env)
+    check_flags(session, env, xla_flags_before)
     results_before = RESULTS.read_text().splitlines() if RESULTS.exists() else []
-    plan = phases(args.cpu)
+    plan = phases(args.cpu, args.remat)
+    if args.phases:
+        wanted = args.phases.split(",")
+        unknown = set(wanted) - {name for name, *_ in plan}
+        if unknown:
+            p.error(f"unknown phase(s) {sorted(unknown)}; these run here: {[name for name, *_ in plan]}")
+        plan = [phase for phase in plan if phase[0] in wanted]
     summary = [session.run(name, argv, budget, sum(later for *_, later in plan[i + 1:]), env)
                for i, (name, argv, budget) in enumerate(plan)]
     results_after = RESULTS.read_text().splitlines() if RESULTS.exists() else []

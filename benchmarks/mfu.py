@@ -50,6 +50,7 @@ set_gpu_flags()  # the product's GPU flags are part of the step measured; before
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import logging  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -155,6 +156,9 @@ def main() -> None:
     args = p.parse_args()
     if args.tiny:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # the product's own log lines (remat "auto": each candidate's memory and the choice)
+    logging.getLogger("bbu_jax").setLevel(logging.INFO)
+    logging.getLogger("bbu_jax").addHandler(logging.StreamHandler(sys.stdout))
 
     import jax
     import jax.numpy as jnp

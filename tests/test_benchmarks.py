@@ -106,11 +106,27 @@ def test_packing_plans_and_prints_headline(tiny_hf_dir):
     assert any(line.startswith("padding by cause") for line in lines)
 
 
+def test_device_session_installs_the_wheels_missing_or_at_other_versions(tmp_path):
+    """The GPU image holds flax, orbax ... at versions of its own: a carried wheel is installed
+    where its distribution is missing or at another version, never where it is the same."""
+    import importlib.metadata
+
+    from benchmarks.device_session import pending_wheels
+
+    numpy = importlib.metadata.version("numpy")
+    names = [f"numpy-{numpy}-py3-none-any.whl", "numpy-0.0-py3-none-any.whl", "no_such_dist-1.0-py3-none-any.whl"]
+    for name in names:
+        (tmp_path / name).touch()
+    assert [(whl.name, installed) for whl, installed in pending_wheels(tmp_path)] == [
+        ("no_such_dist-1.0-py3-none-any.whl", None), ("numpy-0.0-py3-none-any.whl", numpy)]
+    assert pending_wheels(tmp_path / "absent") == []
+
+
 def test_device_session_cpu_runs_every_phase(tmp_path):
     """benchmarks/device_session.py --cpu: the lent GPU's session at tiny size on the CPU, every line
-    stamped with its time and phase as it comes, the log and a summary in --out. Carried wheels of
-    packages already installed are left alone (here: all of them). Its mfu_tiny phase is mfu.py's
-    CI run (_check_mfu_tiny)."""
+    stamped with its time and phase as it comes, the log and a summary in --out. The carried wheels
+    are the GPU image's: the CPU mode leaves them alone. Its mfu_tiny phase is mfu.py's CI run
+    (_check_mfu_tiny)."""
     wheels = tmp_path / "whl"
     wheels.mkdir()
     (wheels / "numpy-0.0-py3-none-any.whl").touch()
@@ -123,7 +139,7 @@ def test_device_session_cpu_runs_every_phase(tmp_path):
     lines = out.stdout.strip().splitlines()
     assert all(re.match(r"\[ *\d+\.\ds \w+\] ", line) for line in lines), lines
     assert re.search(r"\] device_session: 4/4 phases ok in \d+ s$", lines[-1]), lines[-1]
-    assert "nothing to install" in lines[1]
+    assert "cpu mode: this environment's packages" in lines[1]
     summary = json.loads((out_dir / "summary.json").read_text())
     assert [(p["phase"], p["status"]) for p in summary["phases"]] == [
         ("env", "ok"), ("flash_check", "ok"), ("mfu_tiny", "ok"), ("loader_tiny", "ok")]

@@ -48,6 +48,27 @@ def test_attention_matches_reference(causal, implementation):
     assert np.all(np.asarray(out)[SEGMENTS == 0] == 0)
 
 
+def test_fused_kernels_never_get_a_row_without_a_visible_key(monkeypatch):
+    """cuDNN turns an all-masked row (padding queries) into NaN, in its gradients too: every row of
+    the mask the fused kernels get sees a key, and the padding rows' outputs and gradients stay 0.
+    ("jax" here: the same call as "cudnn", whose kernel needs a GPU.)"""
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, mask, **kw):
+        seen.append(mask)
+        return real(*args, mask=mask, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    q, k, v = qkv()
+    for causal in (True, False):
+        loss = lambda q, k, v: attention(q, k, v, SEGMENTS, SEGMENTS, causal=causal, implementation="jax").sum()
+        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+        assert np.all(np.asarray(grads[0])[SEGMENTS == 0] == 0)
+    assert seen and all(bool(jnp.any(m, -1).all()) for m in seen)
+
+
 def test_attention_rejects_unknown_implementation():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="implementation"):

@@ -86,3 +86,19 @@ def test_executed_flops_counts_loops_and_the_largest_branch():
     flops, hidden = executed_flops(compiled.as_text())
     assert flops == 14 * 2 * 64 * 128 * 128 and hidden == {}
     assert compiled.cost_analysis()["flops"] < flops / 2  # why this count exists
+
+
+def test_executed_flops_counts_a_data_dependent_loop_once_and_lists_it():
+    """A loop that runs until its data says so (the on-device matcher's) has no trip count to read:
+    its body counts once and the loop is listed with the uncounted work."""
+    import jax
+    import jax.numpy as jnp
+
+    from bbu_jax.perf.hlo_flops import UNKNOWN_TRIPS, executed_flops
+
+    def f(x, w):
+        return jax.lax.while_loop(lambda c: c.sum() < 1e6, lambda c: jnp.abs(c @ w) + 1.0, x)
+
+    compiled = jax.jit(f).lower(jnp.ones((32, 64)), jnp.ones((64, 64))).compile()
+    flops, hidden = executed_flops(compiled.as_text())
+    assert flops == 2 * 32 * 64 * 64 and hidden == {UNKNOWN_TRIPS: 1}

@@ -39,6 +39,8 @@ def test_set_gpu_flags_touches_only_gpu_hosts():
     assert not set_gpu_flags(cpu) and cpu["XLA_FLAGS"] == "--x=1"
     gpu = {"JAX_PLATFORMS": "cuda"}
     assert set_gpu_flags(gpu) and flag_names(gpu["XLA_FLAGS"]) == set(GPU_FLAGS)
+    opted_out = {"JAX_PLATFORMS": "cuda", "BBU_JAX_GPU_FLAGS": "0", "XLA_FLAGS": "--x=1"}
+    assert not set_gpu_flags(opted_out) and opted_out["XLA_FLAGS"] == "--x=1"
 
 
 def test_installed_jaxlib_knows_every_flag():

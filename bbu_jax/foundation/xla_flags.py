@@ -23,6 +23,9 @@ false`` (a matmul-emitter choice, not overlap; its effect on this model is for t
 measurement to show). Every flag below is known to jaxlib 0.10.2 and still set by MaxText's GPU
 configs written for jax 0.11 (tests/test_xla_flags.py checks that the installed jaxlib accepts them).
 
+``BBU_JAX_GPU_FLAGS=0`` leaves ``XLA_FLAGS`` as it is: XLA aborts on a flag name its version does
+not know, so a jaxlib that has dropped one of these must still be usable without editing the code.
+
 A GPU is detected without starting jax: ``JAX_PLATFORMS`` decides when set; otherwise
 ``CUDA_VISIBLE_DEVICES`` set empty (or -1) hides every GPU; otherwise an NVIDIA or AMD GPU device
 file must exist. A false positive is harmless: jaxlib knows the GPU flags on every platform and
@@ -40,6 +43,7 @@ GPU_FLAGS = {
     "xla_gpu_enable_highest_priority_async_stream": "true",
     "xla_gpu_enable_while_loop_double_buffering": "true",
 }
+OPT_OUT = "BBU_JAX_GPU_FLAGS"  # "0": add none of GPU_FLAGS
 GPU_PLATFORMS = {"cuda", "gpu", "rocm"}  # JAX_PLATFORMS names that mean a GPU backend
 GPU_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd")  # NVIDIA GPUs; AMD's compute interface
 
@@ -70,7 +74,7 @@ def gpu_host(environ: Mapping[str, str] = os.environ,
 def set_gpu_flags(environ: MutableMapping[str, str] = os.environ) -> bool:
     """On a GPU host, adds `GPU_FLAGS` the user has not set to ``environ["XLA_FLAGS"]``; True if
     it did. Call before jax starts its backends (flags set later are ignored)."""
-    if not gpu_host(environ):
+    if environ.get(OPT_OUT, "1").strip() == "0" or not gpu_host(environ):
         return False
     environ["XLA_FLAGS"] = compose(environ.get("XLA_FLAGS", ""), GPU_FLAGS)
     return True

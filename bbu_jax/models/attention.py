@@ -85,8 +85,12 @@ def attention(q: Float[Array, "b lq hq d"], k: Float[Array, "b lk hkv d"], v: Fl
     if implementation in ("jax", "cudnn"):
         # the kernels' causal mask puts query i at key i: only true without a KV-cache offset
         aligned = isinstance(q_offset, int) and q_offset == 0 and lq == k.shape[1]
+        # A row with no visible key (padding) sees every key instead, its output zeroed below: cuDNN
+        # softmaxes an all-masked row into NaN, which the zeroing hides in the forward pass but not
+        # from the gradients. (Under is_causal a row still sees key 0 at least.)
+        kernel_mask = mask | ~mask.any(-1, keepdims=True)
         out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask[:, None], scale=scale, is_causal=causal and aligned,
+            q, k, v, mask=kernel_mask[:, None], scale=scale, is_causal=causal and aligned,
             implementation=None if implementation == "jax" else "cudnn")
     else:
         raise ValueError(f"unknown attention implementation {implementation!r}; one of {KERNELS} "

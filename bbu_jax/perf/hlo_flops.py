@@ -7,7 +7,8 @@ Here every matrix product -- ``dot``, ``convolution`` and cuBLAS gemm custom cal
 their bodies. A conditional counts its largest branch: an upper bound where the step skips work
 at run time (the LM loss's chunks without supervised tokens). Other custom calls (fused attention
 kernels: cuDNN, Triton) hide their products; they are returned by target, with how often they run,
-so a reader knows what the figure leaves out.
+so a reader knows what the figure leaves out; so are loops whose trip count depends on the data
+(the on-device Hungarian matcher), counted once.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from bbu_jax.perf.collectives import _BRANCHES, _WHILE, computations, trip_count
 
+UNKNOWN_TRIPS = "while loop of data-dependent trips (body counted once)"
 _INSTR = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
 _ARRAY = re.compile(r"\w+\[([\d,]*)\]")
 _OPERAND = re.compile(r"%([\w.\-]+)")
@@ -72,7 +74,11 @@ def executed_flops(hlo: str) -> tuple[float, dict[str, int]]:
         flops, hidden = 0.0, collections.Counter()
         for line, shape, opcode, rest in parsed.get(name, []):
             if opcode == "while" and (m := _WHILE.search(line)):
-                trips = trip_count(line, comps)
+                try:
+                    trips = trip_count(line, comps)
+                except ValueError:  # data-dependent (the on-device matcher's loop): counted once, listed
+                    trips = 1
+                    hidden[UNKNOWN_TRIPS] += 1
                 f, h = walk(m.group(1))
                 flops += trips * f
                 hidden.update({k: v * trips for k, v in h.items()})
