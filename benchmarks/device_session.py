@@ -36,7 +36,7 @@ RESULTS = ROOT / "benchmarks" / "results.jsonl"
 # Carried wheels go here, outside the repository, and on PYTHONPATH for every phase.
 SITE = Path("/tmp/bbu_jax_site")
 # Lines worth repeating at the end: test results and errors, compile and step times, benchmark headlines.
-HEADLINE = re.compile(r"rel err|passed|failed|error|^compile|^remat auto|^mfu:|^attention_pairs:|^loader:|^  (step s|MFU)",
+HEADLINE = re.compile(r"rel err|passed|failed|error|^compile|^remat auto|^kernels on|^  by kind|^mfu:|^attention_pairs:|^loader:|^  (step s|MFU)",
                       re.IGNORECASE)
 VERSIONS = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "orbax-checkpoint",
             "grain", "transformers", "tokenizers", "numpy", "ml-dtypes", "jaxtyping", "beartype")
@@ -55,23 +55,27 @@ print("device kind", jax.devices()[0].device_kind)
 """
 
 
-def phases(cpu: bool, remat: str = "auto") -> list[tuple[str, list[str], float]]:
+def phases(cpu: bool, out: Path, remat: str = "auto") -> list[tuple[str, list[str], float]]:
     """(name, argv after the python executable, budget in seconds) of each phase. The loader phase
     measures the host's CPUs: it runs with JAX on the CPU (``Session.run``). ``remat``: the train
     step's policy ("auto", the product's default, compiles its candidates until one fits; a rerun
-    names the one it chose and saves those compiles)."""
+    names the one it chose and saves those compiles). Each 3B step phase traces one more step and
+    leaves its Perfetto trace in ``out`` (``trace_<phase>.json.gz``, for ui.perfetto.dev)."""
     flash = ["-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_flash_attention.py"]
     if cpu:  # Pallas' interpreter: one case shows the check runs
         return [("env", ["-c", ENV_CODE], 60),
                 ("flash_check", [*flash, "-k", "bfloat16"], 120),
-                ("mfu_tiny", ["benchmarks/mfu.py", "--tiny", "--no-record"], 120),
+                ("mfu_tiny", ["benchmarks/mfu.py", "--tiny", "--no-record", "--profile", str(out / "trace_mfu_tiny.json.gz")],
+                 120),
                 ("loader_tiny", ["benchmarks/loader.py", "--num_images", "12", "--scale", "1", "--batches", "1",
                                  "--workers", "0", "--no-record"], 120)]
     # the product's default remat ("auto": the least recomputation whose compiled step fits this GPU)
     return [("env", ["-c", ENV_CODE], 25),
             ("flash_check", [*flash, "-k", "xla_kernel or bfloat16"], 55),
-            ("mfu_pallas", ["benchmarks/mfu.py", "--attention", "pallas", "--remat", remat], 150),
-            ("mfu_cudnn", ["benchmarks/mfu.py", "--attention", "cudnn", "--remat", remat], 110),
+            ("mfu_pallas", ["benchmarks/mfu.py", "--attention", "pallas", "--remat", remat,
+                            "--profile", str(out / "trace_mfu_pallas.json.gz")], 150),
+            ("mfu_cudnn", ["benchmarks/mfu.py", "--attention", "cudnn", "--remat", remat,
+                           "--profile", str(out / "trace_mfu_cudnn.json.gz")], 110),
             ("loader", ["benchmarks/loader.py", "--num_images", "60", "--batches", "4", "--workers", "1", "4"], 40)]
 
 
@@ -201,7 +205,7 @@ def main() -> None:
         install_wheels(session, Path(args.wheels), env)
     check_flags(session, env, xla_flags_before)
     results_before = RESULTS.read_text().splitlines() if RESULTS.exists() else []
-    plan = phases(args.cpu, args.remat)
+    plan = phases(args.cpu, out, args.remat)
     if args.phases:
         wanted = args.phases.split(",")
         unknown = set(wanted) - {name for name, *_ in plan}

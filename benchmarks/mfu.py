@@ -52,6 +52,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -152,6 +153,9 @@ def main() -> None:
     p.add_argument("--lm_chunk", type=int, default=None, help="default: the config's")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; tiny 2)")
     p.add_argument("--matmul", type=int, default=None, help="side of the reference matmul (default 8192; tiny 256)")
+    p.add_argument("--profile", default=None,
+                   help="trace one more step with jax.profiler, write its Perfetto trace (.json.gz) here and "
+                        "print where the device time went")
     p.add_argument("--no-record", dest="record", action="store_false")
     args = p.parse_args()
     if args.tiny:
@@ -166,6 +170,7 @@ def main() -> None:
     from bbu_jax.data.pipeline import make_train_iterator
     from bbu_jax.foundation import sharding
     from bbu_jax.models.qwen2_5_vl import Qwen25VLConfig
+    from bbu_jax.perf import kernel_times
     from bbu_jax.perf.hlo_flops import executed_flops
     from bbu_jax.perf.lowering import product_step, random_modules
     from bbu_jax.perf.memory import memory_summary
@@ -252,6 +257,20 @@ def main() -> None:
               f"{'' if out['ok'] else ' (skipped: non-finite)'}")
     if skipped or not all(np.isfinite(losses)):
         raise RuntimeError(f"{skipped} step(s) skipped as non-finite; losses {losses}")
+
+    if args.profile:  # one more step, traced: kernels by kind and by name
+        with tempfile.TemporaryDirectory() as trace_dir:
+            batch = loop.to_global(host[-1], batch_sharding)
+            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                t0 = time.perf_counter()
+                state, _ = compiled(state, batch)
+                jax.block_until_ready(state)
+                traced_s = time.perf_counter() - t0
+            Path(args.profile).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kernel_times.trace_file(trace_dir), args.profile)
+        print(f"profile: one traced step {traced_s:.4f} s, trace {args.profile}")
+        for line in kernel_times.summary_lines(args.profile, traced_s):
+            print(line)
 
     step_s = statistics.median(times)
     model_flops = float(np.mean(flops[1:]))
