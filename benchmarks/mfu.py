@@ -161,8 +161,10 @@ def main() -> None:
     if args.tiny:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     # the product's own log lines (remat "auto": each candidate's memory and the choice)
-    logging.getLogger("bbu_jax").setLevel(logging.INFO)
-    logging.getLogger("bbu_jax").addHandler(logging.StreamHandler(sys.stdout))
+    product_log = logging.getLogger("bbu_jax")
+    product_log.setLevel(logging.INFO)
+    product_log.addHandler(logging.StreamHandler(sys.stdout))
+    product_log.propagate = False  # once, whatever handlers the root logger gets later
 
     import jax
     import jax.numpy as jnp
