@@ -30,7 +30,7 @@ from bbu_jax.workflows import data_checks
 from bbu_jax.workflows.config import build_specs, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-PIX = dict(min_pixels=3136, max_pixels=50176)  # configs/demo.py's limits
+PIX = dict(min_pixels=3136, max_pixels=50176)  # small images, as the demo's
 HEAD = HeadSpec(width=32, num_queries=4, num_layers=1, num_heads=2, mlp_dim=64, caption_layers=1,
                 max_caption_len=8)
 GOOD = {"images": ["a.png"], "objects": [{"bbox_2d": [2, 2, 30, 30], "desc": "screw"}]}
