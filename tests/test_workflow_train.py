@@ -27,7 +27,11 @@ def _train(tmp: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
             "--config.demo.synthetic_num_images=12", "--config.demo.synthetic_teacher_pool_size=2",
             "--config.demo.synthetic_val_ratio=0.2", "--config.run.num_train_steps=4",
             "--config.optim.warmup_steps=1", "--config.eval.every=4", "--config.checkpoint.every=2",
-            "--config.eval.generate_max_new_tokens=16", *extra]
+            "--config.eval.generate_max_new_tokens=16",
+            # smaller images than the demo's (fewer patches to compile and run; the sizes themselves are
+            # not what these tests check, only that they travel with the checkpoint and the export)
+            "--config.data.max_pixels=50176", "--config.data.patch_budget=1024", "--config.data.token_budget=1024",
+            "--config.data.vision_memory_tokens=64", *extra]
     return subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=tmp)
 
 
