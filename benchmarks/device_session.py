@@ -1,12 +1,13 @@
-"""One call on a lent GPU (the device tool), run on its image as it is: the packages the image lacks,
-or holds at versions other than the lock's, come from carried wheels (.whl/, ``make wheels``), then, each in its own process with its own time
-budget inside one overall budget: the versions and devices; the Triton flash kernels against the
-"xla" kernel on the GPU; the 3B train step with each fused attention kernel and the product's
-remat choice (compile time, each step's time, MFU); how many GPUs one loader process feeds on the host's CPUs. Every line is printed
-as it comes, stamped with the seconds since the start and its phase; the whole log
-(``session.log``), a summary (``summary.json``: each phase's status, seconds and headlines) and the
-benchmark records (``records.jsonl``, lines for benchmarks/results.jsonl) go to $OUT (``--out``,
-default ./device_out). The headlines are printed last.
+"""One call on a lent GPU (the device tool), run on its image as it is: the packages the image
+lacks, or holds at versions other than the lock's, come from carried wheels (.whl/, ``make
+wheels``), then, each in its own process with its own time budget inside one overall budget: the
+versions and devices; the Triton flash kernels against the "xla" kernel on the GPU; the 3B train
+step with each fused attention kernel and the product's remat choice (compile time, each step's
+time, MFU, a trace of one step); how many GPUs one loader process feeds on the host's CPUs. Every
+line is printed as it comes, stamped with the seconds since the start and its phase; the whole log
+(``session.log``), a summary (``summary.json``: each phase's status, seconds and headlines), the
+benchmark records (``records.jsonl``, lines for benchmarks/results.jsonl) and the traces go to
+$OUT (``--out``, default ./device_out). The headlines are printed last.
 
   on a lent GPU (the device tool's run):  carry [".whl"], timeout_s 450,
       command "python3 benchmarks/device_session.py"
@@ -36,7 +37,8 @@ RESULTS = ROOT / "benchmarks" / "results.jsonl"
 # Carried wheels go here, outside the repository, and on PYTHONPATH for every phase.
 SITE = Path("/tmp/bbu_jax_site")
 # Lines worth repeating at the end: test results and errors, compile and step times, benchmark headlines.
-HEADLINE = re.compile(r"rel err|passed|failed|error|^compile|^remat auto|^kernels on|^  by kind|^mfu:|^attention_pairs:|^loader:|^  (step s|MFU)",
+HEADLINE = re.compile(r"rel err|passed|failed|error|^compile|^remat auto|^kernels on|^  by kind|^mfu:"
+                      r"|^attention_pairs:|^loader:|^  (step s|MFU)",
                       re.IGNORECASE)
 VERSIONS = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "orbax-checkpoint",
             "grain", "transformers", "tokenizers", "numpy", "ml-dtypes", "jaxtyping", "beartype")
@@ -65,8 +67,8 @@ def phases(cpu: bool, out: Path, remat: str = "auto") -> list[tuple[str, list[st
     if cpu:  # Pallas' interpreter: one case shows the check runs
         return [("env", ["-c", ENV_CODE], 60),
                 ("flash_check", [*flash, "-k", "bfloat16"], 120),
-                ("mfu_tiny", ["benchmarks/mfu.py", "--tiny", "--no-record", "--profile", str(out / "trace_mfu_tiny.json.gz")],
-                 120),
+                ("mfu_tiny", ["benchmarks/mfu.py", "--tiny", "--no-record",
+                              "--profile", str(out / "trace_mfu_tiny.json.gz")], 120),
                 ("loader_tiny", ["benchmarks/loader.py", "--num_images", "12", "--scale", "1", "--batches", "1",
                                  "--workers", "0", "--no-record"], 120)]
     # the product's default remat ("auto": the least recomputation whose compiled step fits this GPU)

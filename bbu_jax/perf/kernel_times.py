@@ -3,10 +3,10 @@
 ``jax.profiler.trace(dir, create_perfetto_trace=True)`` writes a Chrome/Perfetto trace: complete
 events ("ph": "X") with their process and thread named in metadata events. On a GPU the kernels
 run in a process named ``/device:GPU:N`` on its "Stream #..." threads; on the CPU backend XLA's
-work runs on the host's ``tf_XLA*`` threads, thunks holding the fusions they run. Summing the kernels' durations by name and by kind
-(matrix products, attention, the rest of XLA's fusions, copies, collectives) says what a step
-spends its device time on, and the device's busy time against the step's wall time says how much
-of the step the device waits on the host.
+work runs on the host's ``tf_XLA*`` threads, thunks holding the fusions they run. Summing the
+kernels' durations by name and by kind (matrix products, attention, the rest of XLA's fusions,
+copies, collectives) says what a step spends its device time on, and the device's busy time
+against the step's wall time says how much of the step the device waits on the host.
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def trace_file(trace_dir: str | Path) -> Path:
 
 def kernel_times(path: str | Path) -> tuple[str, dict[str, float], float]:
     """(where the kernels ran, {kernel name: total microseconds}, busy microseconds: the union of
-    their intervals) of one trace file, counting innermost events only. Device processes when the trace has any, else XLA's threads
-    of the CPU backend."""
+    their intervals) of one trace file, counting innermost events only: the device processes' stream
+    threads when the trace has any, else XLA's threads of the CPU backend."""
     with gzip.open(path, "rt") as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
@@ -51,7 +51,8 @@ def kernel_times(path: str | Path) -> tuple[str, dict[str, float], float]:
     devices = {pid for pid, name in procs.items() if name.startswith("/device:")}
     if devices:  # the kernels on the streams (the "XLA Modules" / "XLA Ops" lines restate them)
         where = ", ".join(sorted(procs[pid] for pid in devices))
-        keep = lambda e: e["pid"] in devices and threads.get((e["pid"], e["tid"]), "").startswith("Stream")  # noqa: E731
+        keep = lambda e: (e["pid"] in devices  # noqa: E731
+                          and threads.get((e["pid"], e["tid"]), "").startswith("Stream"))
     else:  # less the zero-length "end: ..." markers of the CPU client
         where = "host threads of XLA's CPU client"
         keep = lambda e: (threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA")  # noqa: E731
