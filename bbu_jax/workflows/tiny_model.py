@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from bbu_jax.data.chat import INSTRUCTIONS, SYSTEM_PROMPT, format_answer
+from bbu_jax.data.synthetic import DESC_TYPES
 from bbu_jax.foundation.files import atomic_dir, save_safetensors_shards
 
 # Qwen2's special tokens in their original order (ids follow the regular vocabulary).
@@ -46,18 +48,16 @@ _QWEN_SPLIT = (
 )
 
 # Text the BPE merges are learned from: the prompts, JSON answers and BBU vocabulary the model
-# will see, so tiny-model sequences stay short.
+# will see, so tiny-model sequences stay short. Qwen's own 151k-token vocabulary holds these words
+# whole; a tiny vocabulary that spelled "empty" or "visible" letter by letter would make the tiny
+# model's answers a spelling task the real model never has.
 _CORPUS = [
-    "You are a helpful assistant.",
-    "Detect every BBU equipment part in the image. Answer with a JSON list of objects, each with "
-    "bbox_2d [x1, y1, x2, y2] in pixels and desc.",
-    "检测图中所有BBU设备部件，以JSON列表回答，每个对象包含bbox_2d和desc。",
-    '```json\n[{"bbox_2d": [12, 34, 156, 178], "desc": "screw/BBU mounting screw/tight"}]\n```',
-    '[{"bbox_2d": [0, 9, 80, 91], "desc": "螺丝连接点/BBU安装螺丝/连接正确"}]',
+    SYSTEM_PROMPT, *INSTRUCTIONS.values(),
     "螺丝连接点 BBU安装螺丝 连接正确 连接错误 松动 线缆 光纤 标签 端口 电源 接地 指示灯 正常 异常 缺失",
     "screw cable fiber label port power ground indicator led normal abnormal missing loose tight "
     "connected disconnected present absent bbu unit rack slot module fan panel",
     "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 32 64 100 128 200 224 256 300 448 512",
+    *(format_answer([((12, 34, 156, 178), zh), ((0, 9, 80, 91), en)]) for zh, en in DESC_TYPES.items()),
 ]
 
 
