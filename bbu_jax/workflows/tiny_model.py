@@ -92,12 +92,15 @@ def tiny_config(vocab_size: int, special_ids: dict[str, int], **overrides: Any) 
         "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
         "fullatt_block_indexes": [1], "tokens_per_second": 2, "temporal_patch_size": 2,
     }
+    # rope_theta: the 3B's 1e6 turns M-RoPE's width section (its lowest frequencies) by at most 1.8e-4
+    # rad per image column; the 3B finds positions anyway through its 36 layers, a 2-layer model does
+    # not (the demo's answers then carried no horizontal information). 100: 0.056-0.018 rad per column.
     text = {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
         "attention_dropout": 0.0, "hidden_act": "silu", "hidden_size": 64,
         "intermediate_size": 128, "initializer_range": 0.02, "max_position_embeddings": 4096,
         "max_window_layers": 2, "num_attention_heads": 4, "num_hidden_layers": 2,
-        "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 100.0,
         "sliding_window": 4096, "use_sliding_window": False, "tie_word_embeddings": True,
         "torch_dtype": "float32", "use_cache": True, "vocab_size": vocab_size,
         "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
