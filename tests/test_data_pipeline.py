@@ -170,9 +170,9 @@ def test_deterministic_and_state_restore(data, tiny_hf_dir):
 
 
 def test_budgets_errors_and_skip(data, tiny_hf_dir, tmp_path):
-    small = Budgets(rows=1, tokens=300, patches=768, segments=2, objects=8, caption_tokens=32,
+    small = Budgets(rows=1, tokens=150, patches=768, segments=2, objects=8, caption_tokens=32,
                     vision_memory=64, text_memory=48)
-    with pytest.raises(ValueError, match=r"train.jsonl:\d+: sample fits no row \(tokens \d+ > budget 300"):
+    with pytest.raises(ValueError, match=r"train.jsonl:\d+: sample fits no row \(tokens \d+ > budget 150"):
         next(_train(data, tiny_hf_dir, small, teacher_ratio=0.0))
     few_objects = Budgets(**{**BUDGETS.__dict__, "objects": 3})
     with pytest.raises(ValueError, match=r"objects \d+ > budget 3"):
