@@ -1,10 +1,12 @@
 """The offline checkpoint factory writes a folder transformers accepts as Qwen2.5-VL."""
 import json
+import re
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from bbu_jax.data.synthetic import DESC_TYPES
 from bbu_jax.workflows.tiny_model import SPECIAL_TOKENS, write_tiny_qwen2_5_vl
 
 
@@ -36,6 +38,16 @@ def test_tokenizer_special_tokens_and_chat_template(tiny_hf_dir):
     # Byte-level BPE round-trips any text, Chinese included.
     sample = '```json\n[{"bbox_2d": [1, 2, 30, 40], "desc": "螺丝连接点/BBU安装螺丝/连接正确"}]\n```'
     assert tok.decode(tok(sample)["input_ids"]) == sample
+
+
+def test_tokenizer_holds_the_synthetic_descs_words_whole(tiny_hf_dir):
+    """As Qwen's vocabulary does: one token per word of every desc, en and zh (not spelled out)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    for desc in [d for pair in DESC_TYPES.items() for d in pair]:
+        words = re.split(r"[/ ]", desc)
+        assert len(tok.tokenize(desc)) <= len(words), (desc, tok.tokenize(desc))
 
 
 def test_seeded_and_overridable(tmp_path):
