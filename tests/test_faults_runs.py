@@ -146,18 +146,23 @@ def test_sigint_saves_the_current_step_and_stops(tmp_path, toy_task):
 
 def test_second_sigint_interrupts_at_once(tmp_path, toy_task):
     make, fn, mesh = toy_task
-    before = signal.getsignal(signal.SIGINT)
+    # The second SIGINT does what the handler before the loop's did: Python's own raises
+    # KeyboardInterrupt. Set it here, since a pytest worker that ran other files first may hold
+    # another; raised in this thread, each signal is handled before the next (os.kill's may land
+    # on another thread, and two that arrive before Python runs the handler count as one).
+    worker_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def on_step(step, state):
-        # raised in this thread, each handled before the next: os.kill's may land on another
-        # thread, and two that arrive before Python runs the handler count as one
         if step == 1:
             signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):
-        _loop(make, fn, mesh, tmp_path, total_steps=10, checkpoint_every=5, on_step=on_step)
-    assert signal.getsignal(signal.SIGINT) is before
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _loop(make, fn, mesh, tmp_path, total_steps=10, checkpoint_every=5, on_step=on_step)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, worker_handler)
 
 
 @pytest.fixture(scope="module")
