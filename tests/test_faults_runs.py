@@ -147,9 +147,10 @@ def test_sigint_saves_the_current_step_and_stops(tmp_path, toy_task):
 def test_second_sigint_interrupts_at_once(tmp_path, toy_task):
     make, fn, mesh = toy_task
     # The second SIGINT does what the handler before the loop's did: Python's own raises
-    # KeyboardInterrupt. Set it here, since a pytest worker that ran other files first may hold
-    # another; raised in this thread, each signal is handled before the next (os.kill's may land
-    # on another thread, and two that arrive before Python runs the handler count as one).
+    # KeyboardInterrupt. Set it here: a test run started as a background job of a non-interactive
+    # shell inherits SIGINT ignored, which Python keeps. Raised in this thread, each signal is
+    # handled before the next (os.kill's may land on another thread, and two that arrive before
+    # Python runs the handler count as one).
     worker_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def on_step(step, state):
