@@ -93,8 +93,8 @@ def tiny_config(vocab_size: int, special_ids: dict[str, int], **overrides: Any) 
         "fullatt_block_indexes": [1], "tokens_per_second": 2, "temporal_patch_size": 2,
     }
     # rope_theta: the 3B's 1e6 turns M-RoPE's width section (its lowest frequencies) by at most 1.8e-4
-    # rad per image column; the 3B finds positions anyway through its 36 layers, a 2-layer model does
-    # not (the demo's answers then carried no horizontal information). 100: 0.056-0.018 rad per column.
+    # rad per image column; the 3B finds positions anyway through its 36 layers, a 2-layer model
+    # cannot tell the columns apart. 100: 0.056-0.018 rad per column.
     text = {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
         "attention_dropout": 0.0, "hidden_act": "silu", "hidden_size": 64,
