@@ -104,3 +104,13 @@ def test_hf_to_flax_errors_name_the_file_or_key(tiny_hf_dir, tmp_path, breakage,
 def test_flax_to_hf_rejects_a_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a bbu_jax params checkpoint"):
         export_lib.load_params_checkpoint(tmp_path)
+
+
+def test_params_checkpoint_of_an_older_version_is_refused(tiny_hf_dir, tmp_path):
+    """Version 1 params checkpoints hold (in, out) kernels: refused with what to do, not misread."""
+    export_lib.convert(tiny_hf_dir, tmp_path / "flax")
+    meta = tmp_path / "flax" / export_lib.META_FILE
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "version": 1}))
+    with pytest.raises(ValueError, match="version 1 of bbu_jax.params, this bbu_jax reads version 2; make the "
+                                         "checkpoint again from its HF source with hf_to_flax"):
+        export_lib.load_params_checkpoint(tmp_path / "flax")

@@ -122,6 +122,27 @@ def test_checkpoint_of_another_layout_is_refused_and_left_in_place(tmp_path, toy
     ck.close()
 
 
+def test_checkpoint_with_kernels_of_the_old_layout_is_refused_by_name(tmp_path):
+    """A step written when Linear weights were (in, out) "kernel" arrays: resuming and reading its
+    params (inference, export) both refuse it with one line that says so, before any array is read:
+    restored by shape, a square one would have come back transposed."""
+    old = {"params": {"model": {"q_proj": {"kernel": np.arange(9, dtype=np.float32).reshape(3, 3)}}}}
+    ck = checkpointing.Checkpointer(tmp_path / "ckpt", max_to_keep=3, async_save=False)
+    ck.save(1, old)
+    wanted = {"params": {"model": {"q_proj": {"weight": jax.ShapeDtypeStruct(
+        (3, 3), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}}}}
+    for read in (lambda: ck.restore_latest(wanted),
+                 lambda: checkpointing.restore_params(ck.path(1), wanted["params"])):
+        with pytest.raises(checkpointing.CheckpointMismatchError) as e:
+            read()
+        message = str(e.value)
+        print(message)
+        assert "\n" not in message and message.startswith(str(ck.path(1)))
+        assert "(in, out) 'kernel' arrays" in message and "params/model/q_proj/weight" in message
+    assert ck.all_steps() == [1] and not list((tmp_path / "ckpt").glob("*.corrupt*"))
+    ck.close()
+
+
 # ----------------------------------------------------------------------------- signals
 def test_sigint_saves_the_current_step_and_stops(tmp_path, toy_task):
     """Ctrl-C after step 2: step 3 (its batch was already read) is finished, saved with the data

@@ -107,10 +107,10 @@ def test_errors_name_the_key_or_file(tiny_hf_dir, tmp_path):
 
 
 def test_hf_key_layouts():
-    path = ("language_model", "layers", "self_attn", "q_proj", "kernel")
+    path = ("language_model", "layers", "self_attn", "q_proj", "weight")
     assert hf_key(path, 3) == "model.layers.3.self_attn.q_proj.weight"
     assert hf_key(path, 3, "v5") == "model.language_model.layers.3.self_attn.q_proj.weight"
-    assert hf_key(("visual", "patch_embed", "kernel"), None, "v5") == "model.visual.patch_embed.proj.weight"
+    assert hf_key(("visual", "patch_embed", "weight"), None, "v5") == "model.visual.patch_embed.proj.weight"
     assert hf_key(("visual", "merger", "mlp_2", "bias")) == "visual.merger.mlp.2.bias"
 
 
@@ -161,13 +161,13 @@ def test_remat_gradients_equal(tiny_hf_dir, model):
     for (path, a), (_, c) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
         np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(c.get_value()), rtol=1e-4, atol=1e-7,
                                    err_msg=str(path))
-    q = np.asarray(g0["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"].get_value())
+    q = np.asarray(g0["language_model"]["layers"]["self_attn"]["q_proj"]["weight"].get_value())
     assert np.isfinite(q).all() and np.abs(q).max() > 0
 
 
 def test_bf16_weights_load_bit_exact(tmp_path):
     """A bf16 checkpoint: bf16 params hold the stored bits, f32 params their exact widening, and both
-    export back to the same bytes (sharded files, transposed kernels, the patch embedding)."""
+    export back to the same bytes (sharded files, Linear weights, the patch embedding)."""
     from bbu_jax.workflows.tiny_model import write_tiny_qwen2_5_vl
 
     d = write_tiny_qwen2_5_vl(tmp_path / "bf16", seed=3, weights_dtype=jnp.bfloat16, max_shard_bytes=50_000)
@@ -185,18 +185,20 @@ def test_bf16_weights_load_bit_exact(tmp_path):
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast")  # NaNs, in the pool's threads
 @pytest.mark.parametrize("src, dst", [("bfloat16", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16"),
                                       ("float16", "bfloat16"), ("float32", "float32")])
-def test_host_casts_match_astype_bit_for_bit(src, dst):
-    """Every bfloat16 / float16 bit pattern (NaNs aside), transposed on the way as a kernel is."""
+def test_host_casts_match_astype_bit_for_bit(src, dst, monkeypatch):
+    """Every bfloat16 / float16 bit pattern (NaNs aside), reshaped on the way as the patch embedding
+    is, its rows split between the copying threads."""
     from bbu_jax.models.qwen2_5_vl import params
 
+    monkeypatch.setattr(params, "_PARALLEL_BYTES", 1024)
     src, dst = np.dtype(getattr(jnp, src)), np.dtype(getattr(jnp, dst))
     if src.itemsize == 2:
         x = np.arange(2**16, dtype=np.uint16).view(src).reshape(512, 128)
     else:
         x = np.random.default_rng(0).integers(0, 2**32, (512, 128), dtype=np.uint32).view(np.float32)
-    got = np.empty((128, 512), dst)
-    want = x.T.astype(np.float32).astype(dst)
-    params._copy_into(x, got, True)
+    got = np.empty((256, 256), dst)
+    want = x.reshape(256, 256).astype(np.float32).astype(dst)
+    params._copy_into(x, got)
     nan = np.isnan(want.astype(np.float32))
     bits = f"u{dst.itemsize}"
     np.testing.assert_array_equal(got.view(bits)[~nan], want.view(bits)[~nan])

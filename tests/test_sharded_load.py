@@ -25,9 +25,9 @@ def test_params_land_on_their_shardings(tiny_hf_dir, mesh):
         want = expected[path].get_value()
         assert var.get_value().sharding.is_equivalent_to(want, var.get_value().ndim), path
         sharded += any(s is not None for s in want.spec)
-    q = model.language_model.layers.self_attn.q_proj.kernel
-    assert q.get_metadata()["out_sharding"] == ("layers", "embed", "heads")
-    assert q.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    q = model.language_model.layers.self_attn.q_proj.weight
+    assert q.get_metadata()["out_sharding"] == ("layers", "heads", "embed")
+    assert q.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
     assert sharded > 10
 
 

@@ -76,15 +76,20 @@ def remat_policy(name: str):
     return getattr(jax.checkpoint_policies, name)
 
 
+def _times_transposed(x, w, dtype):
+    """x @ w.T, accumulated in f32, output in ``dtype``."""
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
+
+
 @jax.custom_vjp
-def narrow_product(x: Float[Array, "n din"], w: Float[Array, "din dout"]) -> Float[Array, "n dout"]:
-    """x @ w for a compute dtype narrower than f32 (accumulated in f32 by the GEMM, output in it).
+def narrow_product(x: Float[Array, "n din"], w: Float[Array, "dout din"]) -> Float[Array, "n dout"]:
+    """x @ w.T for a compute dtype narrower than f32 (accumulated in f32 by the GEMM, output in it).
 
     With an f32 output the gradient reached the backward's products in f32, so both ran on f32
     operands (on a GPU: at half the bf16 rate at best, twice the bytes); with a plain narrow
     output, dw came out narrow too and its partial sums were reduced across devices in it. Here
     dx's product runs in the compute dtype and dw's leaves its product in f32 (reduced in f32)."""
-    return jnp.dot(x, w, preferred_element_type=x.dtype)
+    return _times_transposed(x, w, x.dtype)
 
 
 def _narrow_product_fwd(x, w):
@@ -94,39 +99,41 @@ def _narrow_product_fwd(x, w):
 def _narrow_product_bwd(res, g):
     x, w = res
     g = g.astype(x.dtype)
-    dx = jnp.dot(g, w.T, preferred_element_type=x.dtype)
-    return dx, jnp.dot(x.T, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    dx = jnp.dot(g, w, preferred_element_type=x.dtype)
+    return dx, jnp.dot(g.T, x, preferred_element_type=jnp.float32).astype(w.dtype)
 
 
 narrow_product.defvjp(_narrow_product_fwd, _narrow_product_bwd)
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias); kernel (in, out) = the transpose of torch's Linear weight."""
+    """y = x @ weight.T (+ bias); ``weight`` is (out, in), torch's Linear layout, so HF weights load
+    and export as a cast, with no transpose (the products read either layout at the same speed).
+    ``axes`` name (in, out), the order of ``din``, ``dout``."""
 
     def __init__(self, din: int, dout: int, *, use_bias: bool, axes: Axes, rngs: nnx.Rngs,
                  compute_dtype=jnp.float32, param_dtype=jnp.float32):
         init = jax.nn.initializers.normal(0.02)
-        self.kernel = param(init(rngs.params(), (din, dout), param_dtype), axes)
-        self.kernel_axes = tuple(axes)
+        self.weight_axes = tuple(axes[::-1])
+        self.weight = param(init(rngs.params(), (dout, din), param_dtype), self.weight_axes)
         self.bias = param(jnp.zeros((dout,), param_dtype), axes[1:]) if use_bias else None
         self.compute_dtype = compute_dtype
         # Activations are split over tokens (and over heads / mlp units under tensor parallelism),
-        # never over the model width: left to itself, GSPMD follows an fsdp-split kernel and splits
+        # never over the model width: left to itself, GSPMD follows an fsdp-split weight and splits
         # activations by width, then all-reduces whole (tokens x features) products.
         self.activation_axes = tuple(None if a == "embed" else a for a in axes)
 
     def __call__(self, x: Float[Array, "... din"]) -> Float[Array, "... dout"]:
-        # As a 2D product: the kernel's gradient then contracts one token axis, which XLA's CPU dot
+        # As a 2D product: the weight's gradient then contracts one token axis, which XLA's CPU dot
         # reads in place; contracting (batch, length) made it write a transposed copy of dy first.
         lead = x.shape[:-1]
         x = constrain(x.reshape(-1, x.shape[-1]), ("batch", self.activation_axes[0]))
-        kernel = gathered_weight(self.kernel[...], self.kernel_axes, self.activation_axes, self.compute_dtype)
+        weight = gathered_weight(self.weight[...], self.weight_axes, self.activation_axes[::-1], self.compute_dtype)
         x = x.astype(self.compute_dtype)
         if jnp.dtype(self.compute_dtype) == jnp.float32:  # nothing to narrow: plain autodiff
-            y = jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+            y = _times_transposed(x, weight, jnp.float32)
         else:
-            y = narrow_product(x, kernel)
+            y = narrow_product(x, weight)
         y = constrain(y, ("batch", self.activation_axes[1])).reshape(*lead, y.shape[-1])
         if self.bias is not None:
             y = y.astype(jnp.float32) + self.bias[...].astype(jnp.float32)

@@ -42,7 +42,7 @@ class CheckpointWriteError(RuntimeError):
 
 
 class CheckpointMismatchError(ValueError):
-    """A readable checkpoint whose train state is not the one this run builds."""
+    """A readable checkpoint whose arrays are not the ones this run or model needs."""
 
 
 def _read_files_mapped() -> None:
@@ -70,6 +70,30 @@ def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
     """'/'-joined path -> shape of every leaf; the same names for a live state and orbax's metadata
     of it (dict keys, tuple indices and NamedTuple fields alike)."""
     return {path_str(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_saved_state(step_dir: pathlib.Path, wanted_tree, *, differs: str, advice: str,
+                      partial: bool = False) -> None:
+    """Raises CheckpointMismatchError when the arrays of a step's state (paths and shapes, from
+    orbax's metadata) are not those of ``wanted_tree`` (``partial``: do not hold all of them);
+    dtypes may differ (restore casts). Checked before reading, so that one line names what differs
+    where orbax would fail on the first leaf it cannot match."""
+    saved = _leaf_shapes(arrays_handler().metadata(pathlib.Path(step_dir) / "state").tree)
+    wanted = _leaf_shapes(wanted_tree)
+    missing = sorted(wanted.keys() - saved.keys())
+    extra = [] if partial else sorted(saved.keys() - wanted.keys())
+    reshaped = [f"{k} {saved[k]} -> {wanted[k]}" for k in sorted(wanted.keys() & saved.keys())
+                if saved[k] != wanted[k]]
+    if not (missing or extra or reshaped):
+        return
+    parts = [f"{what}: {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+             for what, keys in (("missing from it", missing), ("only in it", extra), ("other shapes", reshaped))
+             if keys]
+    if any(k.endswith("/weight") and k.removesuffix("weight") + "kernel" in saved for k in missing):
+        advice = ("it was written by a bbu_jax that stored Linear weights as (in, out) 'kernel' arrays, "
+                  "before they took torch's (out, in) layout: export it to an HF folder with that bbu_jax; "
+                  "this one loads and trains from the export")
+    raise CheckpointMismatchError(f"{step_dir} holds {differs} ({'; '.join(parts)}); {advice}")
 
 
 class _IteratorState:
@@ -230,7 +254,9 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             error = None
             try:
-                self._check_layout(step, abstract_state)
+                check_saved_state(self.path(step), abstract_state, differs="another train state than this run builds",
+                                  advice="resume with the settings and bbu_jax version that wrote it, "
+                                         "or train in another workdir")
                 state, meta = self.restore(step, abstract_state)
                 if data_iterator is not None:
                     self._manager.restore(step, args=ocp.args.Composite(
@@ -243,23 +269,6 @@ class Checkpointer:
                 return step, state, meta
             self._set_aside(step, error)
         return None
-
-    def _check_layout(self, step: int, abstract_state) -> None:
-        """Raises CheckpointMismatchError when the saved state's leaves (paths and shapes, from its
-        metadata) are not those of ``abstract_state``; dtypes may differ (restore casts)."""
-        saved = _leaf_shapes(arrays_handler().metadata(self.path(step) / "state").tree)
-        wanted = _leaf_shapes(abstract_state)
-        if saved == wanted:
-            return
-        missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
-        reshaped = [f"{k} {saved[k]} -> {wanted[k]}" for k in sorted(wanted.keys() & saved.keys())
-                    if saved[k] != wanted[k]]
-        parts = [f"{what}: {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                 for what, keys in (("missing from it", missing), ("only in it", extra), ("other shapes", reshaped))
-                 if keys]
-        raise CheckpointMismatchError(
-            f"{self.path(step)} holds another train state than this run builds ({'; '.join(parts)}); resume "
-            "with the settings and bbu_jax version that wrote it, or train in another workdir")
 
     def _set_aside(self, step: int, error: BaseException | None) -> None:
         """Renames an unreadable step folder to <step>.corrupt (-N when taken) and forgets it."""
@@ -311,6 +320,8 @@ def restore_params(step_dir: str | pathlib.Path, abstract_params):
     """Only the ``params`` subtree of a step's train state (no optimizer state is read), as
     ``abstract_params`` describes it (ShapeDtypeStructs: the dtype to cast to, and a sharding)."""
     abstract = {"params": abstract_params}
+    check_saved_state(step_dir, abstract, differs="other params than its settings' model has", partial=True,
+                      advice="read it with the bbu_jax version that wrote it")
     args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
     return ocp.PyTreeCheckpointer().restore(pathlib.Path(step_dir).absolute() / "state", args=args)["params"]

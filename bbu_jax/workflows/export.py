@@ -41,6 +41,8 @@ from bbu_jax.training.checkpointing import arrays_handler
 from bbu_jax.workflows.model_card import model_card
 
 FORMAT = "bbu_jax.params"
+# 2: Linear weights in torch's (out, in) layout, named "weight" (1: (in, out) "kernel" arrays)
+VERSION = 2
 META_FILE = "bbu_jax.json"
 # dtype name -> (dtype the model is loaded in, dtype an export stores)
 LOAD_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -56,7 +58,7 @@ def save_params_checkpoint(model: nnx.Module, out: Path, hf_files_from: Path, so
         (tmp / "hf").mkdir()
         shutil.copy2(hf_files_from / "config.json", tmp / "hf" / "config.json")
         copy_side_files(hf_files_from, tmp / "hf")
-        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "version": 1, "source": source}, indent=2))
+        (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "version": VERSION, "source": source}, indent=2))
     return Path(out)
 
 
@@ -82,6 +84,9 @@ def load_params_checkpoint(checkpoint: str | Path) -> tuple[Qwen25VL, Path]:
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{meta_file}: version {meta.get('version')!r} of {FORMAT}, this bbu_jax reads "
+                         f"version {VERSION}; make the checkpoint again from its HF source with hf_to_flax")
     hf_files = ckpt / "hf"
     cfg = Qwen25VLConfig.from_file(hf_files / "config.json")
     graphdef, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)

@@ -1,9 +1,10 @@
 """HF safetensors <-> NNX state for Qwen2.5-VL (Tunix-style mapping, kept apart from the model).
 
-Every NNX param path maps to one HF key (stacked layers to one key per layer) plus a transform:
-torch Linear weights are transposed, the Conv3d patch embedding (D, C, T, 14, 14) becomes a
-(C*T*14*14, D) kernel whose rows follow the processor's (C, T, 14, 14) patch layout, per-layer
-tensors are stacked on a leading layer axis. Two HF key layouts exist: "legacy" (released Qwen
+Every NNX param path maps to one HF key (stacked layers to one key per layer). Params keep HF's
+layouts (Linear weights (out, in), as torch stores them), so a tensor moves as a cast: the Conv3d
+patch embedding (D, C, T, 14, 14) is only flattened to a (D, C*T*14*14) Linear weight whose columns
+follow the processor's (C, T, 14, 14) patch layout, per-layer tensors are stacked on a leading
+layer axis. Two HF key layouts exist: "legacy" (released Qwen
 checkpoints: ``model.layers.*``, ``visual.*``) and "v5" (transformers 5: ``model.language_model.*``,
 ``model.visual.*``); both load, and a missing ``lm_head.weight`` means tied embeddings.
 """
@@ -39,9 +40,7 @@ def hf_key(path: tuple[str, ...], layer: int | None = None, layout: str = "legac
         return "lm_head.weight"
     out = []
     for p in parts:
-        if p == "kernel":
-            p = "weight"
-        elif p in ("mlp_0", "mlp_2"):
+        if p in ("mlp_0", "mlp_2"):
             p = "mlp." + p[-1]
         out.append(p)
         if p in STACKED:
@@ -131,7 +130,7 @@ def from_hf(hf_dir: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh | Non
         stacked = _is_stacked(path)
         hf_shape = _hf_shape(cfg, path, shape[1:] if stacked else shape)
         keys = [hf_key(path, i, layout) for i in range(shape[0])] if stacked else [hf_key(path, None, layout)]
-        value = _load_param(_kind(path), [tensor(k, hf_shape) for k in keys], stacked, shape,
+        value = _load_param([tensor(k, hf_shape) for k in keys], stacked, shape,
                             np.dtype(var.dtype), None if shardings is None else shardings[path])
         flat.append((path, var.replace(value)))
     unknown = sorted(set(files) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
@@ -151,10 +150,6 @@ def stored_tensors(files: dict[str, Path]) -> dict[str, StoredTensor]:
 # Beyond the params, host memory holds at most this much of a param being placed on devices that
 # cannot take its host buffer as it is (a mesh, an accelerator): larger stacks go in chunks of layers.
 LOAD_CHUNK_BYTES = 1 << 30
-# Rows of a stored matrix cast and then written out as columns per step: few enough that they stay
-# in cache while every column's cache line of the destination is written, where a whole-matrix
-# transpose would write each element to a new line.
-_ROWS = 16
 _BF16 = np.dtype(jnp.bfloat16)
 _PARALLEL_BYTES = 1 << 20  # smaller tensors are copied by the calling thread
 # threads that copy a tensor's rows; beyond a few, memory bandwidth rather than cores is the limit
@@ -165,13 +160,6 @@ _THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity
 def _copy_pool() -> ThreadPoolExecutor:
     """The threads that copy tensors' rows, started once and kept (idle between loads)."""
     return ThreadPoolExecutor(_THREADS, thread_name_prefix="param-copy")
-
-
-def _kind(path) -> str | None:
-    """How a param's HF tensor is laid out differently: a torch Linear weight, the Conv3d patch embedding, or not."""
-    if str(path[-1]) != "kernel":
-        return None
-    return "patch_embed" if tuple(map(str, path[:2])) == ("visual", "patch_embed") else "linear"
 
 
 def _host_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -200,28 +188,16 @@ def _copy_cast(src: np.ndarray, dst: np.ndarray) -> None:
         np.copyto(dst, src.astype(np.float32), casting="unsafe")
 
 
-def _copy_into(src: np.ndarray, dst: np.ndarray, transpose: bool) -> None:
-    """``dst[...] = src`` (``src.T`` with ``transpose``, both matrices) in dst's dtype, the rows of
-    ``src`` split between ``_copy_pool``'s threads (numpy lets go of the GIL inside each copy)."""
-    if src.ndim == 0:
+def _copy_into(src: np.ndarray, dst: np.ndarray) -> None:
+    """``dst[...] = src`` (of equal size; reshaped to dst's shape) in dst's dtype, the rows split
+    between ``_copy_pool``'s threads (numpy lets go of the GIL inside each copy)."""
+    src = src.reshape(dst.shape)
+    if src.ndim == 0 or src.nbytes < _PARALLEL_BYTES:
         _copy_cast(src, dst)
         return
-    step = len(src) if src.nbytes < _PARALLEL_BYTES else -(-len(src) // _THREADS // _ROWS) * _ROWS
-
-    def part(lo: int, hi: int) -> None:
-        if not transpose:
-            _copy_cast(src[lo:hi], dst[lo:hi])
-            return
-        # cast a few rows contiguously, then move them into place as columns: numpy's cast loops
-        # run several times slower on a transposed view than a same-dtype strided copy does
-        rows = np.empty((_ROWS, src.shape[1]), dst.dtype)
-        for r in range(lo, hi, _ROWS):
-            n = min(r + _ROWS, hi) - r
-            _copy_cast(src[r:r + n], rows[:n])
-            dst[:, r:r + n] = rows[:n].T
-
+    step = -(-len(src) // _THREADS)
     pool = _copy_pool()
-    for done in [pool.submit(part, lo, min(lo + step, len(src))) for lo in range(0, len(src), step)]:
+    for done in [pool.submit(_copy_cast, src[lo:lo + step], dst[lo:lo + step]) for lo in range(0, len(src), step)]:
         done.result()
 
 
@@ -230,20 +206,19 @@ def _put_layers(out: jax.Array, layers: jax.Array, start) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(out, layers, start, axis=0)
 
 
-def _load_param(kind: str | None, tensors: list[StoredTensor], stacked: bool, shape: tuple[int, ...],
+def _load_param(tensors: list[StoredTensor], stacked: bool, shape: tuple[int, ...],
                 dtype: np.dtype, sharding: NamedSharding | None) -> jax.Array:
     """One param from its stored tensors (one per layer when ``stacked``), on ``sharding`` (None:
     the default device).
 
-    Each tensor is read from its mapped pages straight into the param's layout and dtype in an
+    Each tensor is read from its mapped pages straight into the param's dtype in an
     aligned host buffer: on a single CPU device that buffer becomes the param (no copy); elsewhere
     each device receives its shards of it, a chunk of layers at a time."""
 
     def host(chunk: list[StoredTensor]) -> np.ndarray:
         buf = _host_empty((len(chunk), *shape[1:]) if stacked else shape, dtype)
         for i, t in enumerate(chunk):
-            src = map_tensor(t)  # a Linear weight (out, in) -> (in, out); the patch embedding flattened first
-            _copy_into(src.reshape(len(src), -1) if kind else src, buf[i] if stacked else buf, kind is not None)
+            _copy_into(map_tensor(t), buf[i] if stacked else buf)
         return buf
 
     # device_put is asynchronous: waiting frees the host buffer before the next one is filled
@@ -264,16 +239,12 @@ def _load_param(kind: str | None, tensors: list[StoredTensor], stacked: bool, sh
 
 
 def _hf_shape(cfg: Qwen25VLConfig, path, nnx_shape: tuple[int, ...]) -> tuple[int, ...]:
-    if str(path[-1]) != "kernel":
-        return nnx_shape
-    if tuple(map(str, path[:2])) == ("visual", "patch_embed"):
-        return _patch_embed_shape(cfg)
-    return nnx_shape[::-1]
+    return _patch_embed_shape(cfg) if tuple(map(str, path[:2])) == ("visual", "patch_embed") else nnx_shape
 
 
 def hf_tensors(model: Qwen25VL, layout: str = "legacy", dtype=np.float32) -> dict[str, TensorSource]:
-    """The HF tensors of ``model`` in the given key layout and ``dtype``, each made (transposed and
-    cast in one pass) only when written; no lm_head when embeddings are tied. A param is fetched from
+    """The HF tensors of ``model`` in the given key layout and ``dtype``, each made (cast) only when
+    written; no lm_head when embeddings are tied. A param is fetched from
     its devices when its first tensor is made and dropped after its last (they come in order)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
@@ -286,9 +257,7 @@ def hf_tensors(model: Qwen25VL, layout: str = "legacy", dtype=np.float32) -> dic
 
     def fill(path, layer: int | None, out: np.ndarray) -> None:
         value = fetched(path)
-        kind = _kind(path)
-        _copy_into(value if layer is None else value[layer], out.reshape(len(out), -1) if kind else out,
-                   kind is not None)
+        _copy_into(value if layer is None else value[layer], out)
 
     out = {}
     for path, var in params.items():
