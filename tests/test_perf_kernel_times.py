@@ -43,6 +43,19 @@ def test_gpu_kernels_on_streams_by_name_kind_and_busy_time(tmp_path):
     assert "segment_flash_forward" in lines[3]
 
 
+def test_consecutive_kernels_whose_timestamps_overlap_both_count(tmp_path):
+    """A stream's next kernel may be stamped as starting up to microseconds before the previous one
+    ends (seen in H200 traces, on 44% of a step's kernels): it follows that kernel, not inside it."""
+    events = [_meta("process_name", 1, "/device:GPU:0"), _meta("thread_name", 1, "Stream #14(Compute)", 14),
+              {"ph": "X", "pid": 1, "tid": 14, "name": "gemm_fusion_dot_general_466", "ts": 0.0, "dur": 88.8},
+              {"ph": "X", "pid": 1, "tid": 14, "name": "loop_dynamic_update_slice_fusion_10", "ts": 86.2, "dur": 10.0},
+              {"ph": "X", "pid": 1, "tid": 14, "name": "memcpy128", "ts": 96.2, "dur": 31.9}]
+    _, totals, busy = kernel_times.kernel_times(_trace(tmp_path, events))
+    assert totals == pytest.approx({"gemm_fusion_dot_general_466": 88.8, "loop_dynamic_update_slice_fusion_10": 10.0,
+                                    "memcpy128": 31.9})
+    assert busy == pytest.approx(128.1)
+
+
 def test_cpu_thunks_count_their_innermost_events(tmp_path):
     """The CPU client nests fusions inside thunks on one thread: only the innermost events count."""
     events = [_meta("process_name", 1, "/host:CPU"), _meta("thread_name", 1, "tf_XLACpu/1", 5),

@@ -68,8 +68,9 @@ def kernel_times(path: str | Path) -> tuple[str, dict[str, float], float]:
         thread.sort(key=lambda ev: (ev[0], -ev[1]))
         for i, (start, stop, name) in enumerate(thread):
             # leaves only: an event that holds the next one on its thread (a CPU thunk's loop, say)
-            # is a container whose time its children already count
-            if i + 1 < len(thread) and thread[i + 1][0] < stop:
+            # is a container whose time its children already count; one that merely overlaps the
+            # next is not (a GPU stream's consecutive kernels do, by up to microseconds of timestamp skew)
+            if i + 1 < len(thread) and thread[i + 1][0] < stop and thread[i + 1][1] <= stop:
                 continue
             totals[name] += stop - start
             spans.append((start, stop))
