@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import pathlib
 from typing import Any
@@ -59,11 +60,19 @@ def _read_files_mapped() -> None:
 _read_files_mapped()
 
 
-def arrays_handler() -> ocp.PyTreeCheckpointHandler:
+def arrays_handler(tree=None) -> ocp.PyTreeCheckpointHandler:
     """How every tree of arrays bbu_jax saves (train states, params checkpoints) is written:
     uncompressed. zstd saves little on trained float32 weights and Adam moments (their low mantissa
-    bits are noise) and costs a single-threaded pass over each array on every save and restore."""
-    return ocp.PyTreeCheckpointHandler(use_compression=False)
+    bits are noise) and costs a single-threaded pass over each array on every save and restore.
+
+    Given the ``tree`` to save, the host memory a save holds at once is bounded by its largest
+    array (orbax's limit refuses an array over it): left to itself orbax took a host copy of every
+    array before writing, a second copy of the whole model (the 3B's float32 params, 14 GiB, did
+    not fit 24 GiB)."""
+    if tree is None:
+        return ocp.PyTreeCheckpointHandler(use_compression=False)
+    largest = max((leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree)), default=0)
+    return ocp.PyTreeCheckpointHandler(use_compression=False, save_concurrent_gb=max(1, math.ceil(largest / 1e9)))
 
 
 def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:

@@ -53,8 +53,8 @@ def save_params_checkpoint(model: nnx.Module, out: Path, hf_files_from: Path, so
                            overwrite: bool = False) -> Path:
     """Write ``model``'s params + the HF side files atomically to ``out``."""
     with atomic_dir(out, overwrite=overwrite, sources=[hf_files_from]) as tmp:
-        ocp.Checkpointer(arrays_handler()).save(
-            (tmp / "params").absolute(), args=ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        ocp.Checkpointer(arrays_handler(params)).save((tmp / "params").absolute(), args=ocp.args.PyTreeSave(params))
         (tmp / "hf").mkdir()
         shutil.copy2(hf_files_from / "config.json", tmp / "hf" / "config.json")
         copy_side_files(hf_files_from, tmp / "hf")
