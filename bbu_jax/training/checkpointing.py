@@ -67,8 +67,7 @@ def arrays_handler(tree=None) -> ocp.PyTreeCheckpointHandler:
 
     Given the ``tree`` to save, the host memory a save holds at once is bounded by its largest
     array (orbax's limit refuses an array over it): left to itself orbax took a host copy of every
-    array before writing, a second copy of the whole model (the 3B's float32 params, 14 GiB, did
-    not fit 24 GiB)."""
+    array before writing, a second copy of the whole model beside the model itself."""
     if tree is None:
         return ocp.PyTreeCheckpointHandler(use_compression=False)
     largest = max((leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree)), default=0)

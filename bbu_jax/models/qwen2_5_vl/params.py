@@ -4,9 +4,9 @@ Every NNX param path maps to one HF key (stacked layers to one key per layer). P
 layouts (Linear weights (out, in), as torch stores them), so a tensor moves as a cast: the Conv3d
 patch embedding (D, C, T, 14, 14) is only flattened to a (D, C*T*14*14) Linear weight whose columns
 follow the processor's (C, T, 14, 14) patch layout, per-layer tensors are stacked on a leading
-layer axis. Two HF key layouts exist: "legacy" (released Qwen
-checkpoints: ``model.layers.*``, ``visual.*``) and "v5" (transformers 5: ``model.language_model.*``,
-``model.visual.*``); both load, and a missing ``lm_head.weight`` means tied embeddings.
+layer axis. Two HF key layouts exist: "legacy" (released Qwen checkpoints: ``model.layers.*``,
+``visual.*``) and "v5" (transformers 5: ``model.language_model.*``, ``model.visual.*``); both load,
+and a missing ``lm_head.weight`` means tied embeddings.
 """
 from __future__ import annotations
 
@@ -244,8 +244,8 @@ def _hf_shape(cfg: Qwen25VLConfig, path, nnx_shape: tuple[int, ...]) -> tuple[in
 
 def hf_tensors(model: Qwen25VL, layout: str = "legacy", dtype=np.float32) -> dict[str, TensorSource]:
     """The HF tensors of ``model`` in the given key layout and ``dtype``, each made (cast) only when
-    written; no lm_head when embeddings are tied. A param is fetched from
-    its devices when its first tensor is made and dropped after its last (they come in order)."""
+    written; no lm_head when embeddings are tied. A param is fetched from its devices when its first
+    tensor is made and dropped after its last (they come in order)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
     dtype = np.dtype(dtype)
