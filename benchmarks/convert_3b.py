@@ -1,11 +1,12 @@
 """Loading and exporting the 3B's weights, against transformers and against moving the same bytes.
 
-    python benchmarks/convert_3b.py [--text_layers N] [--workdir DIR] [--repeats R] [--drop_caches]
+    python benchmarks/convert_3b.py [--text_layers N] [--workdir DIR] [--repeats R] [--keep_caches]
 
 Writes (or reuses, in --workdir) a random checkpoint with Qwen2.5-VL-3B's shapes (bf16 on disk, sharded like the
 release; fewer text layers when memory is short), then runs each step in a fresh process, so that every
-peak RSS is its own and no step finds another's memory or compiled code, and with the files it reads
-read once before (untimed), so that each finds them in the page cache whatever ran before it:
+peak RSS is its own and no step finds another's memory or compiled code, after dropping the page cache
+(root; --keep_caches to skip it) and reading the files the step reads (untimed), so that each starts
+from the same memory whatever ran before it:
 
 - read: every tensor read with safetensors (the raw read);
 - transformers_f32 / transformers_bf16: ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` of the
@@ -72,18 +73,24 @@ BASELINES = {"from_hf_f32": "transformers_f32", "from_hf_bf16": "read", "transfo
              "restore": "read_ckpt", "export": "write"}
 
 
-def drop_page_cache() -> None:
-    """Writes the dirty pages out and drops the clean ones from the page cache (root only): each step
-    then starts with the same free memory, not with what the steps before it left cached."""
+def drop_page_cache() -> bool:
+    """Writes the dirty pages out and drops the clean ones from the page cache, where allowed (root):
+    each step then starts with the same free memory, not with what the steps before it left cached.
+    False where not allowed."""
     os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        return False
+    return True
 
 
 def run_step(name: str, work: Path, drop_caches: bool = False) -> tuple[float, float]:
     """(seconds, peak RSS GiB) of one step in a fresh interpreter (imports and setup excluded from time)."""
     setup, timed = STEPS[name]
-    if drop_caches:
-        drop_page_cache()
+    if drop_caches and not drop_page_cache():
+        raise PermissionError("cannot drop the page cache (/proc/sys/vm/drop_caches; root only): "
+                              "run as root or with --keep_caches")
     code = ("import time, json, resource\nfrom pathlib import Path\n"
             f"HF, CKPT, OUT = Path({str(work / 'hf')!r}), Path({str(work / 'ckpt')!r}), Path({str(work / name)!r})\n"
             "import jax, jax.numpy as jnp, flax, orbax.checkpoint, safetensors\nfrom flax import nnx\n"
@@ -133,9 +140,9 @@ def main() -> None:
     parser.add_argument("--text_layers", type=int, default=None, help="default: the 3B's")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each step; the fastest counts")
-    parser.add_argument("--drop_caches", action="store_true",
-                        help="drop the page cache before each step (root): where memory holds little beyond a "
-                             "step's peak, a step otherwise pays for reclaiming what the steps before it cached")
+    parser.add_argument("--keep_caches", action="store_true",
+                        help="do not drop the page cache before each step (it needs root): where memory holds "
+                             "little beyond a step's peak, each step then pays for what the steps before it left")
     args = parser.parse_args()
     text_layers = args.text_layers or Qwen25VLConfig().text.num_hidden_layers
     work = Path(args.workdir or tempfile.mkdtemp(prefix="convert_3b_"))
@@ -150,7 +157,7 @@ def main() -> None:
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in STEPS}
     for _ in range(args.repeats):
         for name in STEPS:
-            runs[name].append(run_step(name, work, args.drop_caches))
+            runs[name].append(run_step(name, work, drop_caches=not args.keep_caches))
     rows = {name: (min(r[0] for r in rs), max(r[1] for r in rs)) for name, rs in runs.items()}
     print(f"{'step':<18}{'seconds':>10}{'peak RSS GiB':>14}  vs")
     for name, (s, rss) in rows.items():
@@ -159,7 +166,7 @@ def main() -> None:
         print(f"{name:<18}{s:>10.1f}{rss:>14.2f}{vs}" + ("   (killed: out of memory)" if s != s else ""))
     ratio = rows["from_hf_f32"][0] / rows["transformers_f32"][0]
     record("convert_3b", f"convert_3b: from_hf/transformers = {ratio:.2f}", text_layers=text_layers,
-           checkpoint_gib=disk, params_f32_gib=params, repeats=args.repeats, drop_caches=args.drop_caches,
+           checkpoint_gib=disk, params_f32_gib=params, repeats=args.repeats, drop_caches=not args.keep_caches,
            **{f"{k}_s": v[0] for k, v in rows.items()},
            **{f"{k}_peak_rss_gib": v[1] for k, v in rows.items()})
 
